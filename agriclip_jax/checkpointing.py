@@ -1,0 +1,81 @@
+"""Orbax checkpoints holding the train state and the data iterator together.
+
+Each checkpoint is a step directory with two items: `state` (params, optimizer state, step,
+RNG; saved asynchronously, each process writing its shards) and `data` (each process's grain
+iterator position), so a resumed run continues with exactly the batch an uninterrupted run
+would have seen next.
+"""
+
+import os
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from agriclip_jax.pytree import path_str
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint does not fit the model/optimizer the config describes."""
+
+
+class Checkpoints:
+
+  def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iterator=None) -> None:
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore(self, step: int, abstract_state, data_iterator=None):
+    """The state at `step` laid out like `abstract_state`; also rewinds `data_iterator`."""
+    self.check_compatible(step, abstract_state)
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+  def check_compatible(self, step: int, abstract_state) -> None:
+    stored = {path_str(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(
+        self.manager.item_metadata(step)["state"].tree)}
+    wanted = {path_str(p): leaf for p, leaf in
+              jax.tree_util.tree_leaves_with_path(abstract_state)}
+    problems = [f"{k} missing from the checkpoint" for k in wanted if k not in stored]
+    problems += [f"{k} in the checkpoint but not in the model" for k in stored
+                 if k not in wanted]
+    problems += [f"{k}: checkpoint {tuple(stored[k].shape)} {np.dtype(stored[k].dtype)} vs "
+                 f"config {tuple(wanted[k].shape)} {np.dtype(wanted[k].dtype)}"
+                 for k in wanted if k in stored
+                 and (tuple(stored[k].shape) != tuple(wanted[k].shape)
+                      or np.dtype(stored[k].dtype) != np.dtype(wanted[k].dtype))]
+    if problems:
+      more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+      raise CheckpointMismatchError(
+          f"checkpoint {self.directory}/{step} does not match the config: "
+          + "; ".join(problems[:3]) + more)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def abstract(tree: Any, shardings: Any):
+  """ShapeDtypeStructs carrying `shardings`, as a restore target."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)

@@ -1,0 +1,107 @@
+"""Config helpers: short config arguments, validation against a trainer's fields, `every`.
+
+A config file is `get_config(arg=None) -> ConfigDict`; `arg` is the text after the colon in
+`--config configs/x.py:demo,img=B/16` and is parsed by `parse_arg` into typed options. Each
+trainer publishes `default_config()`, which names every field it reads; `validate` rejects
+any other field, with its dotted name, before anything is built or compiled.
+"""
+
+import difflib
+import os
+from typing import Any, Iterable
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """The config names something that does not exist or is inconsistent."""
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """"demo,img=B/16" -> ConfigDict(demo=True, img="B/16", ...) typed like `defaults`."""
+  options = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, has_value, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ConfigError(f"unknown config option {key!r}{_did_you_mean(key, defaults)}; "
+                        f"options: {sorted(defaults)}")
+    default = defaults[key]
+    if not has_value:
+      if not isinstance(default, bool):
+        raise ConfigError(f"config option {key!r} needs a value ({key}=...)")
+      options[key] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ConfigError(f"config option {key!r} is a boolean; got {value!r}")
+      options[key] = value.lower() in ("true", "1")
+    elif default is None or isinstance(default, str):
+      options[key] = value
+    else:
+      try:
+        options[key] = type(default)(value)
+      except ValueError:
+        raise ConfigError(f"config option {key!r} expects {type(default).__name__}; "
+                          f"got {value!r}") from None
+  return ml_collections.ConfigDict(options)
+
+
+def _did_you_mean(name: str, candidates: Iterable[str]) -> str:
+  close = difflib.get_close_matches(name, list(candidates), n=1)
+  return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def validate(config, reference, open_fields: Iterable[str] = (), prefix: str = "") -> None:
+  """Raises ConfigError naming the first field of `config` that `reference` lacks.
+
+  `open_fields` are dotted names whose contents are free-form here (checked by their owner,
+  e.g. evaluator configs by the evaluator).
+  """
+  open_fields = set(open_fields)
+  for key in config.keys():
+    name = prefix + key
+    if key not in reference:
+      raise ConfigError(f"unknown config field {name!r}"
+                        f"{_did_you_mean(key, reference.keys())}")
+    if name in open_fields:
+      continue
+    value, ref_value = config[key], reference[key]
+    if isinstance(value, ml_collections.ConfigDict) and isinstance(
+        ref_value, ml_collections.ConfigDict):
+      validate(value, ref_value, open_fields, prefix=name + ".")
+
+
+def check_keys(given, allowed: Iterable[str], where: str) -> None:
+  """Unknown keys in a free-form sub-config (e.g. one evaluator's) -> ConfigError."""
+  allowed = set(allowed)
+  for key in given.keys():
+    if key not in allowed:
+      raise ConfigError(f"unknown config field '{where}.{key}'"
+                        f"{_did_you_mean(key, allowed)}")
+
+
+def every(step: int, period: int | None, total: int | None = None) -> bool:
+  """Whether periodic work with this period is due at `step` (always at the last step)."""
+  if total is not None and step == total:
+    return True
+  return bool(period) and step % period == 0
+
+
+def expand_path(path: str | None, workdir: str) -> str | None:
+  """Paths in configs may use {workdir} and ~."""
+  if path is None:
+    return None
+  return os.path.expanduser(path.format(workdir=workdir))
+
+
+def load(config_spec: str) -> ml_collections.ConfigDict:
+  """"configs/x.py:demo,img=B/16" -> the ConfigDict that file's get_config returns."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = config_spec.partition(":")
+  if not os.path.exists(path):
+    raise ConfigError(f"config file {path} does not exist")
+  spec = importlib.util.spec_from_file_location(
+      "_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)

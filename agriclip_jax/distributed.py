@@ -1,0 +1,55 @@
+"""Multi-process start-up on JAX's own runtime (`jax.distributed`).
+
+A run is multi-process when the launcher is given a coordinator address, or when SLURM
+started several tasks of it (JAX then reads SLURM's variables itself).
+"""
+
+import os
+
+from absl import logging
+import jax
+
+from agriclip_jax import config_lib
+
+
+def slurm_tasks() -> int:
+  return int(os.environ.get("SLURM_NTASKS", "1")) if "SLURM_JOB_ID" in os.environ else 1
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+  """Calls `jax.distributed.initialize` when the environment asks for more than 1 process."""
+  if not coordinator_address and slurm_tasks() <= 1:
+    return
+  # CPU processes exchange collectives over gloo; accelerators ignore this setting.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if coordinator_address:
+    if num_processes is None or process_id is None:
+      raise config_lib.ConfigError("--coordinator_address needs --num_processes and --process_id")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  else:
+    jax.distributed.initialize()  # JAX detects SLURM's coordinator, ranks and counts.
+  logging.info("Process %d of %d; %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def hide_accelerators_from_tensorflow() -> None:
+  """TFDS and CLU import TensorFlow; it must not take GPU memory that JAX needs."""
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], "GPU")
+  except (ImportError, RuntimeError):
+    pass
+
+
+def quiet_library_logs() -> None:
+  """INFO lines from this project and CLU (metrics, progress); others from WARNING up."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
+  def keep(record) -> bool:
+    path = record.pathname.replace("\\", "/")
+    return (record.levelno >= std_logging.WARNING or "/agriclip_jax/" in path
+            or "/clu/" in path or path.endswith("launch.py"))
+
+  absl_logging.get_absl_handler().addFilter(keep)

@@ -1,0 +1,12 @@
+"""Errors that mean "the input is wrong", which the launcher reports as one line."""
+
+from agriclip_jax.checkpointing import CheckpointMismatchError
+from agriclip_jax.config_lib import ConfigError
+from agriclip_jax.input.datasets import DatasetError
+from agriclip_jax.input.preprocess import CorruptImageError
+from agriclip_jax.trainers.loop import NonFiniteError, Preempted
+
+USER_ERRORS = (CheckpointMismatchError, ConfigError, CorruptImageError, DatasetError,
+               NonFiniteError, FileNotFoundError)
+
+__all__ = ["USER_ERRORS", "Preempted"]

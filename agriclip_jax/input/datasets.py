@@ -1,0 +1,91 @@
+"""Finding, preparing and opening the TFDS datasets the project's builders in `data/` make.
+
+A dataset is named like TFDS names it: `agri_synthetic`, `agri_synthetic/small`,
+`alive:1.0.0`. Importing `data.<name>` registers the builder. Builders that need no input
+(the synthetic one) are built on first use, under a file lock so that several processes can ask
+at once; builders that need files the user has (ALive, iNaturalist) stop with one line that
+says how to prepare them.
+"""
+
+import contextlib
+import fcntl
+import importlib
+import os
+import time
+
+from absl import logging
+import tensorflow_datasets as tfds
+
+
+class DatasetError(RuntimeError):
+  """A dataset is missing, unknown or unusable; the message says what to do."""
+
+
+def default_data_dir(data_dir: str | None = None) -> str:
+  return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR")
+                            or "~/tensorflow_datasets")
+
+
+def _register(name: str) -> None:
+  package = name.split("/")[0].split(":")[0]
+  try:
+    importlib.import_module(f"data.{package}")
+  except ModuleNotFoundError as e:
+    if e.name not in (f"data.{package}", "data"):
+      raise
+    # Not one of ours: it may still be a TFDS catalogue dataset already in data_dir.
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def builder(name: str, data_dir: str | None = None, prepare: bool = True):
+  """The TFDS builder for `name`, built first if it can be built without user files."""
+  data_dir = default_data_dir(data_dir)
+  _register(name)
+  try:
+    b = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DatasetError(f"unknown dataset {name!r}: no builder in data/ and none in TFDS "
+                       f"({str(e).splitlines()[0]})") from None
+  if b.is_prepared():
+    return b
+  if not prepare:
+    raise DatasetError(f"dataset {name!r} is not prepared in {data_dir}")
+  if getattr(b, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+    raise DatasetError(
+        f"dataset {name!r} is not prepared in {data_dir}. Prepare it from your copy of the "
+        f"raw files with: tfds build data/{name.split('/')[0].split(':')[0]} "
+        f"--manual_dir=RAW_DIR --data_dir={data_dir}")
+  with _file_lock(os.path.join(data_dir, f".{b.name}.lock")):
+    b = tfds.builder(name, data_dir=data_dir)  # Another process may have built it meanwhile.
+    if not b.is_prepared():
+      logging.info("Building dataset %s into %s (once) ...", name, data_dir)
+      start = time.time()
+      b.download_and_prepare(file_format="array_record")
+      logging.info("Built %s in %.1fs.", name, time.time() - start)
+  return b
+
+
+def data_source(b, split: str):
+  """Random-access source of one split; images stay encoded (the pipeline decodes them)."""
+  if split not in b.info.splits:
+    raise DatasetError(f"dataset {b.info.full_name} has no split {split!r}; it has "
+                       f"{sorted(b.info.splits)}")
+  image_features = [k for k, f in b.info.features.items()
+                    if isinstance(f, tfds.features.Image)]
+  return b.as_data_source(split=split, decoders={
+      k: tfds.decode.SkipDecoding() for k in image_features})
+
+
+def dataset_dir(b) -> str:
+  """Directory of the prepared dataset, where derived files (tokenizers) are kept."""
+  return os.fspath(b.data_dir)

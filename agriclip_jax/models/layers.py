@@ -1,0 +1,140 @@
+"""Transformer pieces shared by the image and text towers (pre-LayerNorm blocks)."""
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from agriclip_jax import config_lib
+
+# Transformer sizes shared by both towers: name -> (width, depth, mlp_dim, num_heads).
+SIZES = {
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+}
+
+
+def size(name: str) -> dict[str, int]:
+  if name not in SIZES:
+    raise config_lib.ConfigError(f"unknown transformer size {name!r}; expected one of {list(SIZES)}")
+  width, depth, mlp_dim, num_heads = SIZES[name]
+  return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": nn.relu,
+}
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+  activation: str = "gelu"
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    width = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(x)
+    x = ACTIVATIONS[self.activation](x)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(width, dtype=self.dtype, name="fc2")(x)
+
+
+class Attention(nn.Module):
+  """Multi-head attention; `mask` is boolean [batch or 1, 1, q, k] (True = may attend)."""
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, kv=None, mask=None):
+    kv = x if kv is None else kv
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise config_lib.ConfigError(f"width {width} is not divisible by num_heads {self.num_heads}")
+    dense = lambda name: nn.DenseGeneral((self.num_heads, width // self.num_heads),
+                                         dtype=self.dtype, name=name)
+    q, k, v = dense("query")(x), dense("key")(kv), dense("value")(kv)
+    y = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [b, t, heads, head_dim]
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(y)
+
+
+class EncoderBlock(nn.Module):
+  num_heads: int
+  mlp_dim: int
+  activation: str = "gelu"
+  dropout: float = 0.0
+  layer_norm_eps: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None, train: bool = False):
+    norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
+    drop = nn.Dropout(self.dropout, deterministic=not train)
+    y = Attention(self.num_heads, dtype=self.dtype, name="attn")(norm("norm1")(x), mask=mask)
+    x = x + drop(y)
+    y = MlpBlock(self.mlp_dim, self.activation, self.dropout, self.dtype,
+                 name="mlp")(norm("norm2")(x), train)
+    return x + drop(y)
+
+
+class Encoder(nn.Module):
+  """`depth` blocks and a final LayerNorm. `remat` recomputes blocks in the backward pass."""
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  activation: str = "gelu"
+  dropout: float = 0.0
+  layer_norm_eps: float = 1e-6
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None, train: bool = False):
+    block = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
+    for i in range(self.depth):
+      x = block(self.num_heads, self.mlp_dim, self.activation, self.dropout,
+                self.layer_norm_eps, self.dtype, name=f"block{i:02d}")(x, mask, train)
+    return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm")(x)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling: a learned query attends over the tokens."""
+  num_heads: int
+  mlp_dim: int
+  layer_norm_eps: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    width = x.shape[-1]
+    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, width), jnp.float32)
+    probe = jnp.tile(probe, (x.shape[0], 1, 1)).astype(self.dtype)
+    x = Attention(self.num_heads, dtype=self.dtype, name="attn")(probe, x, mask=mask)
+    y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm")(x)
+    x = x + MlpBlock(self.mlp_dim, dtype=self.dtype, name="mlp")(y)
+    return x[:, 0]
+
+
+def pool(x, pool_type: str, index=None, mask=None, map_head: nn.Module | None = None):
+  """[b, t, d] -> [b, d]. `index` [b] is the token to take for 'index' pooling."""
+  if pool_type == "tok":
+    return x[:, 0]
+  if pool_type == "gap":
+    if mask is None:
+      return x.mean(axis=1)
+    weights = mask.astype(x.dtype)[..., None]
+    return (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1)
+  if pool_type == "index":
+    return jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
+  if pool_type == "map":
+    return map_head(x, mask=None if mask is None else mask[:, None, None, :])
+  raise config_lib.ConfigError(f"unknown pool_type {pool_type!r}")

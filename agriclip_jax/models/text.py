@@ -1,0 +1,71 @@
+"""Text transformer tower (CLIP style: causal, pooled at the end-of-text token).
+
+Tokens follow `input/tokenizer.py`: id 0 is padding and the end-of-text token is the last
+non-zero token of each row.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from agriclip_jax.models import layers
+
+def eot_index(tokens):
+  """Position of the last non-padding token of each row (the end-of-text token)."""
+  length = tokens.shape[-1]
+  return length - 1 - jnp.argmax((tokens != 0)[:, ::-1], axis=-1)
+
+
+class Model(nn.Module):
+  """Returns (pooled output, dict of intermediate outputs)."""
+  vocab_size: int = 32_000
+  width: int = 512
+  depth: int = 12
+  mlp_dim: int = 2048
+  num_heads: int = 8
+  causal: bool = True
+  pool_type: str = "eot"  # eot | first | gap | map
+  num_classes: int | None = None  # A linear head to this width ("head"), if set.
+  activation: str = "gelu"
+  dropout: float = 0.0
+  layer_norm_eps: float = 1e-6
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens, train: bool = False):
+    out = {}
+    n, length = tokens.shape
+    x = nn.Embed(self.vocab_size, self.width, name="embedding",
+                 embedding_init=nn.initializers.normal(stddev=0.02))(tokens)
+    posemb = self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(self.width)),
+                        (1, length, self.width), jnp.float32)
+    x = (x + posemb).astype(self.dtype)
+    end = eot_index(tokens)
+    # Valid positions are those up to and including the end-of-text token.
+    valid = jnp.arange(length)[None, :] <= end[:, None]  # [n, length]
+    if self.causal:
+      mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+    else:
+      mask = valid[:, None, None, :]
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, self.activation,
+                       self.dropout, self.layer_norm_eps, self.remat, self.dtype,
+                       name="encoder")(x, mask=mask, train=train)
+    out["encoded"] = x
+    if self.pool_type == "eot":
+      x = layers.pool(x, "index", index=end)
+    elif self.pool_type == "first":
+      x = layers.pool(x, "tok")
+    else:
+      map_head = (layers.MAPHead(self.num_heads, self.mlp_dim, self.layer_norm_eps,
+                                 self.dtype, name="map_head")
+                  if self.pool_type == "map" else None)
+      x = layers.pool(x, self.pool_type, mask=valid, map_head=map_head)
+    out["pre_logits"] = x
+    if self.num_classes:
+      x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+    out["logits"] = x
+    return x, out

@@ -1,0 +1,103 @@
+"""The image-text model: towers `img` (ViT) and `txt` (text transformer) with learned scale.
+
+Parameter paths are `img/...`, `txt/...`, `logit_scale` and `logit_bias`; the optimizer's
+freezing rules and the sharding rules match on them.
+"""
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from agriclip_jax import config_lib
+from agriclip_jax.models import layers
+from agriclip_jax.models import text
+from agriclip_jax.models import vit
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def l2_normalize(x, eps=1e-8):
+  return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+class Model(nn.Module):
+  """Call with (images, tokens); either may be None. Returns (zimg, ztxt, extras).
+
+  `zimg`/`ztxt` are L2-normalised embeddings; `image`/`text` are the keyword arguments of the
+  towers (see `tower_kwargs`), which are named `img` and `txt`.
+  """
+  image: Mapping[str, Any]
+  text: Mapping[str, Any]
+  logit_scale_init: float = 10.0
+  logit_bias_init: float | None = None
+  max_logit_scale: float = 100.0
+
+  @nn.compact
+  def __call__(self, images=None, tokens=None, train: bool = False):
+    logit_scale = self.param("logit_scale", nn.initializers.constant(
+        np.log(self.logit_scale_init)), (), jnp.float32)
+    extras = {"logit_scale": jnp.exp(jnp.minimum(logit_scale, np.log(self.max_logit_scale)))}
+    if self.logit_bias_init is not None:
+      extras["logit_bias"] = self.param(
+          "logit_bias", nn.initializers.constant(self.logit_bias_init), (), jnp.float32)
+    zimg = ztxt = None
+    if images is not None:
+      zimg, extras["img"] = vit.Model(**self.image, name="img")(images, train=train)
+      zimg = zimg.astype(jnp.float32)
+      extras["img/norm"] = jnp.linalg.norm(zimg, axis=-1)
+      zimg = l2_normalize(zimg)
+    if tokens is not None:
+      ztxt, extras["txt"] = text.Model(**self.text, name="txt")(tokens, train=train)
+      ztxt = ztxt.astype(jnp.float32)
+      extras["txt/norm"] = jnp.linalg.norm(ztxt, axis=-1)
+      ztxt = l2_normalize(ztxt)
+    return zimg, ztxt, extras
+
+
+def tower_kwargs(config: Mapping[str, Any], kind: str, out_dim: int | None,
+                 dtype: str) -> dict[str, Any]:
+  """Tower keyword arguments from a config dict: `variant` + overrides + `head` (bool)."""
+  kwargs = dict(config)
+  module = vit.Model if kind == "img" else text.Model
+  fields = {f.name for f in dataclasses.fields(module)} - {"parent", "name", "num_classes",
+                                                             "dtype"}
+  config_lib.check_keys(kwargs, fields | {"variant", "head"}, f"model.{kind}")
+  variant = kwargs.pop("variant", None)
+  head = kwargs.pop("head", True)
+  base = {}
+  if variant:
+    base = vit.parse_variant(variant) if kind == "img" else layers.size(variant)
+  base.update(kwargs)
+  base["num_classes"] = out_dim if head else None
+  base["dtype"] = DTYPES[dtype]
+  return base
+
+
+def make(config, vocab_size: int | None = None) -> Model:
+  """The model a `config.model` describes. `vocab_size` comes from the tokenizer."""
+  dtype = config.get("dtype", "float32")
+  if dtype not in DTYPES:
+    raise config_lib.ConfigError(f"model.dtype {dtype!r} is not one of {list(DTYPES)}")
+  img = tower_kwargs(config.img, "img", config.out_dim, dtype)
+  txt = tower_kwargs(config.txt, "txt", config.out_dim, dtype)
+  if vocab_size is not None:
+    if txt.get("vocab_size") and txt["vocab_size"] < vocab_size:
+      raise config_lib.ConfigError(f"model.txt.vocab_size={txt['vocab_size']} is smaller than the "
+                       f"tokenizer's vocabulary ({vocab_size})")
+    txt["vocab_size"] = txt.get("vocab_size") or vocab_size
+  img_dim = img["num_classes"] or img["width"]
+  txt_dim = txt["num_classes"] or txt["width"]
+  if img_dim != txt_dim:
+    raise config_lib.ConfigError(f"image embeddings ({img_dim}) and text embeddings ({txt_dim}) differ in "
+                     "width; give the towers heads (model.img.head / model.txt.head)")
+  return Model(image=img, text=txt, logit_scale_init=config.logit_scale_init,
+               logit_bias_init=config.get("logit_bias_init"),
+               max_logit_scale=config.get("max_logit_scale", 100.0))
+
+
+def param_count(params) -> int:
+  return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))

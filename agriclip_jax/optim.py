@@ -1,0 +1,117 @@
+"""Optimizers from `config.optim`, with per-parameter rules and frozen parameters.
+
+`optim.rules` is a list of `(regex, rule)` pairs matched in order against each parameter path
+(`img/encoder/block00/mlp/fc1/kernel`, ...; `re.fullmatch`). A rule is `None` (freeze: no
+gradient is computed, no optimizer state is kept) or a dict with optional `lr_mult` and
+`wd_mult`. A parameter no rule covers is a config error. LiT is `[("img/.*", None), (".*", {})]`.
+
+Weight decay applies only to parameters whose path matches `optim.decay_regex` (kernels by
+default), scaled by the rule's `wd_mult`.
+"""
+
+import re
+from typing import Any, Callable
+
+import jax
+import optax
+
+from agriclip_jax import config_lib
+from agriclip_jax.pytree import flatten, path_str, unflatten
+
+FROZEN = "frozen"
+_RULE_KEYS = {"lr_mult", "wd_mult"}
+
+
+class OptimConfigError(config_lib.ConfigError):
+  """`config.optim` is inconsistent with the model's parameters."""
+
+
+def param_labels(params, rules) -> dict[str, str]:
+  """path -> FROZEN or the index (as a string) of the first rule matching it."""
+  compiled = []
+  for i, (pattern, rule) in enumerate(rules):
+    if rule is not None:
+      unknown = set(rule) - _RULE_KEYS
+      if unknown:
+        raise OptimConfigError(f"optim.rules[{i}] ({pattern!r}) has unknown keys "
+                               f"{sorted(unknown)}; allowed: {sorted(_RULE_KEYS)}")
+    compiled.append((re.compile(pattern), rule, str(i)))
+  labels = {}
+  for path in flatten(params):
+    for regex, rule, label in compiled:
+      if regex.fullmatch(path):
+        labels[path] = FROZEN if rule is None else label
+        break
+    else:
+      raise OptimConfigError(f"parameter {path} is covered by no optim.rules entry; add a "
+                             "rule for it (e.g. ('.*', {}) last)")
+  return labels
+
+
+def split(params, labels: dict[str, str]):
+  """(trainable, frozen) sub-trees of `params`."""
+  flat = flatten(params)
+  trainable = {k: v for k, v in flat.items() if labels[k] != FROZEN}
+  frozen = {k: v for k, v in flat.items() if labels[k] == FROZEN}
+  return unflatten(trainable), unflatten(frozen)
+
+
+def merge(trainable, frozen):
+  return unflatten({**flatten(trainable), **flatten(frozen)})
+
+
+def schedule(config, total_steps: int) -> Callable[[Any], Any]:
+  """Learning-rate schedule: linear warm-up, then `config.schedule`."""
+  lr, warmup = config.lr, config.warmup_steps
+  end = lr * config.get("end_lr_factor", 0.0)
+  decay_steps = max(total_steps - warmup, 1)
+  name = config.schedule
+  if name == "cosine":
+    after = optax.cosine_decay_schedule(lr, decay_steps, alpha=end / lr if lr else 0.0)
+  elif name == "linear":
+    after = optax.linear_schedule(lr, end, decay_steps)
+  elif name == "constant":
+    after = optax.constant_schedule(lr)
+  elif name == "rsqrt":
+    after = lambda step: lr * jax.lax.rsqrt(1.0 + step / max(warmup, 1))
+  else:
+    raise OptimConfigError(f"unknown optim.schedule {name!r}; expected cosine, linear, "
+                           "constant or rsqrt")
+  if not warmup:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def _group(config, lr_schedule, rule: dict, decay_regex: re.Pattern) -> optax.GradientTransformation:
+  lr_mult, wd_mult = rule.get("lr_mult", 1.0), rule.get("wd_mult", 1.0)
+  scaled_lr = lambda step: lr_schedule(step) * lr_mult
+  decay_mask = lambda tree: jax.tree_util.tree_map_with_path(
+      lambda path, _: bool(decay_regex.fullmatch(path_str(path))), tree)
+  weight_decay = config.weight_decay * wd_mult
+  if config.name == "adamw":
+    return optax.adamw(scaled_lr, b1=config.b1, b2=config.b2, eps=config.eps,
+                       weight_decay=weight_decay, mask=decay_mask)
+  if config.name == "adafactor":
+    return optax.adafactor(scaled_lr, weight_decay_rate=weight_decay or None,
+                           weight_decay_mask=decay_mask)
+  raise OptimConfigError(f"unknown optim.name {config.name!r}; expected adamw or adafactor")
+
+
+def make(config, params, total_steps: int):
+  """(optax transformation over the trainable sub-tree, labels, lr schedule)."""
+  labels = param_labels(params, config.rules)
+  trainable, _ = split(params, labels)
+  if not jax.tree.leaves(trainable):
+    raise OptimConfigError("optim.rules freeze every parameter; nothing would train")
+  lr_schedule = schedule(config, total_steps)
+  decay_regex = re.compile(config.decay_regex)
+  groups = {label: _group(config, lr_schedule, dict(config.rules[int(label)][1]), decay_regex)
+            for label in sorted(set(labels.values()) - {FROZEN})}
+  if len(groups) == 1:
+    tx = next(iter(groups.values()))
+  else:
+    trainable_labels = unflatten({k: v for k, v in labels.items() if v != FROZEN})
+    tx = optax.multi_transform(groups, trainable_labels)
+  if config.get("clip_norm"):
+    tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), tx)
+  return tx, labels, lr_schedule

@@ -1,0 +1,103 @@
+"""Contrastive image-text training (CLIP, SigLIP, LiT): `config.trainer = "contrastive"`.
+
+LiT is this trainer with the image tower frozen by `optim.rules` and initialised from a
+pretrained run by `config.init`.
+"""
+
+import functools
+
+import jax
+import ml_collections
+import optax
+
+from agriclip_jax import optim
+from agriclip_jax.input import pipeline
+from agriclip_jax.input import preprocess
+from agriclip_jax.losses import contrastive as losses
+from agriclip_jax.models import two_towers
+from agriclip_jax.trainers import common
+
+# Free-form fields checked elsewhere: evaluator configs and tower keyword arguments.
+OPEN_FIELDS = ("evals", "model.img", "model.txt")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field this trainer reads, with its default."""
+  config = common.base_config()
+  config.trainer = "contrastive"
+  config.tokenizer = dict(
+      path="",  # A pretrained tokenizer directory; "" = train a BPE on the captions.
+      vocab_size=8192,  # Size of the trained BPE.
+      max_len=32,
+      max_examples=200_000,  # Examples whose captions train the BPE.
+  )
+  config.model = dict(
+      img=dict(variant="B/16", pool_type="gap", head=True),
+      txt=dict(variant="B", head=True),
+      out_dim=512,
+      logit_scale_init=10.0,
+      logit_bias_init=None,
+      max_logit_scale=100.0,
+      dtype="float32",
+  )
+  config.model.logit_bias_init = ml_collections.FieldReference(None, field_type=float)
+  config.loss = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)
+  return config
+
+
+def train(config: ml_collections.ConfigDict, workdir: str):
+  done = common.finished(config, workdir)
+  if done is not None:
+    return done
+  setup = common.Setup.create(config, workdir)
+  tokenizer = common.make_tokenizer(config, setup.train_builder, setup.train_source)
+  model = two_towers.make(config.model, vocab_size=tokenizer.vocab_size)
+  image_size, text_len = config.input.image_size, config.tokenizer.max_len
+
+  def model_init(rng):
+    images = jax.numpy.zeros((1, image_size, image_size, 3), jax.numpy.float32)
+    tokens = jax.numpy.zeros((1, text_len), jax.numpy.int32)
+    return model.init(rng, images, tokens)["params"]
+
+  spec, tx, lr_schedule = setup.state_spec(model_init)
+  normalize = functools.partial(preprocess.normalize, mean=config.input.mean,
+                                std=config.input.std)
+  loss_fn = losses.get(config.loss)
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    trainable, frozen = optim.split(state["params"], spec.labels)
+
+    def objective(trainable):
+      zimg, ztxt, extras = model.apply(
+          {"params": optim.merge(trainable, frozen)}, normalize(batch["image"]),
+          batch["text"], train=True, rngs={"dropout": rng})
+      loss, metrics = loss_fn(zimg, ztxt, extras["logit_scale"], extras.get("logit_bias"))
+      metrics["logit_scale"] = extras["logit_scale"]
+      if "logit_bias" in extras:
+        metrics["logit_bias"] = extras["logit_bias"]
+      metrics["img/norm"] = extras["img/norm"].mean()
+      metrics["txt/norm"] = extras["txt/norm"].mean()
+      return loss, metrics
+
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
+                   lr=lr_schedule(state["step"]))
+    new_state = dict(state, step=state["step"] + 1, opt_state=opt_state,
+                     params=optim.merge(trainable, frozen))
+    return new_state, metrics
+
+  transform = pipeline.TrainTransform(
+      tokenize=tokenizer.encode, image_size=image_size, image_key=config.input.image_key,
+      text_key=config.input.text_key, crop_scale=tuple(config.input.crop_scale),
+      flip=config.input.flip)
+
+  def encode_images(params, images):
+    return model.apply({"params": params}, normalize(images), None)[0]
+
+  def encode_texts(params, tokens):
+    return model.apply({"params": params}, None, tokens)[1]
+
+  return setup.run(spec, train_step, transform, encode_images, encode_texts, tokenizer)

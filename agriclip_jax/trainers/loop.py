@@ -1,0 +1,183 @@
+"""The training loop shared by trainers: steps, logging, evaluation, checkpoints, stopping.
+
+- Resumes from the latest checkpoint in `workdir/checkpoints` (state + data iterator), else
+  initialises (then copies `config.init` parameters, if any).
+- Checks every step's loss and gradient norm for non-finite values, one step behind so the
+  device never waits; a non-finite value stops the run naming the step, and no checkpoint is
+  ever written after it.
+- SIGTERM (single process) or JAX's preemption sync point (multi-process) saves a checkpoint
+  and stops with `Preempted`.
+- At the last step it evaluates, checkpoints and writes `summary.json`; a run whose summary is
+  already at the last step ends at once (`finished_summary`).
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+from absl import logging
+from clu import periodic_actions
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+from agriclip_jax import checkpointing
+from agriclip_jax import config_lib
+from agriclip_jax import metrics as metrics_lib
+from agriclip_jax import sharding
+from agriclip_jax.trainers import state as state_lib
+
+SUMMARY = "summary.json"
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or gradient norm became NaN or infinite."""
+
+
+class Preempted(RuntimeError):
+  """SIGTERM: a checkpoint was saved and the run stopped; running it again resumes."""
+
+
+def finished_summary(workdir: str, total_steps: int) -> dict[str, Any] | None:
+  """The summary of a run in `workdir` that already reached `total_steps`, else None."""
+  path = os.path.join(workdir, SUMMARY)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    summary = json.load(f)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if summary.get("step") == total_steps and state_lib.latest_step(checkpoints) == total_steps:
+    return summary
+  return None
+
+
+class _StopSignal:
+  """Whether to stop for preemption at a step (all processes agree on the step)."""
+
+  def __init__(self):
+    self.multi_process = jax.process_count() > 1
+    self.received = False
+    self._previous = None
+    if not self.multi_process:  # Multi-process: JAX's preemption service handles SIGTERM.
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint after this step.")
+    self.received = True
+
+  def reached(self, step: int) -> bool:
+    if self.multi_process:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.received
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclasses.dataclass
+class Loop:
+  config: Any
+  workdir: str
+  spec: state_lib.StateSpec
+  train_step: Callable  # (state, global batch) -> (state, metrics)
+  train_iter: Iterator[dict[str, np.ndarray]]
+  batch_sharding: jax.sharding.NamedSharding
+  evaluators: list  # [(name, every, evaluator)]
+  writer: metrics_lib.Writer
+  samples_per_step: int
+
+  def _restore_or_init(self, checkpoints: checkpointing.Checkpoints):
+    latest = checkpoints.latest_step()
+    if latest is not None:
+      logging.info("Resuming from %s/%d", checkpoints.directory, latest)
+      return checkpoints.restore(latest, self.spec.abstract, self.train_iter)
+    state = self.spec.init()
+    if self.config.init.get("workdir"):
+      state = state_lib.load_params(self.config.init, state, self.spec, self.workdir)
+    return state
+
+  def evaluate(self, state, step: int, due: Callable[[int], bool]) -> dict[str, float]:
+    results = {}
+    for name, every, evaluator in self.evaluators:
+      if due(every):
+        start = time.time()
+        for key, value in evaluator.run(state["params"]).items():
+          results[f"{name}/{key}"] = value
+        results[f"{name}/seconds"] = time.time() - start
+    return self.writer.write(step, results) if results else results
+
+  def run(self) -> dict[str, Any]:
+    config, total = self.config, self.config.total_steps
+    checkpoints = checkpointing.Checkpoints(
+        os.path.join(self.workdir, "checkpoints"), config.keep_checkpoints)
+    state = self._restore_or_init(checkpoints)
+    step = int(state["step"])
+    progress = periodic_actions.ReportProgress(num_train_steps=total,
+                                               writer=self.writer.clu, every_secs=None,
+                                               every_steps=config.log_every)
+    stop = _StopSignal()
+    unchecked, since_log, last_eval = [], [], {}
+    try:
+      while step < total:
+        if stop.reached(step):
+          self._check(unchecked)
+          checkpoints.save(step, state, self.train_iter)
+          checkpoints.wait()
+          raise Preempted(f"stopped by SIGTERM at step {step}; checkpoint saved in "
+                          f"{checkpoints.directory}; run the same command to resume")
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          batch = sharding.global_batch(next(self.train_iter), self.batch_sharding)
+          state, step_metrics = self.train_step(state, batch)
+        step += 1
+        # Check the previous step while this one runs: the device never waits for the host.
+        self._check(unchecked)
+        unchecked = [(step, step_metrics)]
+        since_log.append(step_metrics)
+        progress(step)
+        due = lambda every: config_lib.every(step, every, total)  # pylint: disable=cell-var-from-loop
+        if due(config.log_every):
+          self._check(unchecked)
+          self._log(step, since_log)
+          since_log = []
+        if any(due(every) for _, every, _ in self.evaluators):
+          self._check(unchecked)
+          last_eval = self.evaluate(state, step, due) or last_eval
+        if due(config.checkpoint_every):
+          self._check(unchecked)
+          checkpoints.save(step, state, self.train_iter)
+      checkpoints.wait()
+      if not last_eval:  # Resumed at the last step after its evaluation was lost.
+        last_eval = self.evaluate(state, step, lambda every: True)
+      return self._summarize(step, last_eval)
+    finally:
+      stop.close()
+      checkpoints.close()
+      self.writer.flush()
+
+  def _check(self, unchecked) -> None:
+    for step, step_metrics in unchecked:
+      for key in ("loss", "grad_norm"):
+        value = float(step_metrics[key])
+        if not np.isfinite(value):
+          raise NonFiniteError(
+              f"{key} is {value} at step {step}; stopped. Checkpoints before this step are "
+              f"kept in {self.workdir}/checkpoints")
+
+  def _log(self, step: int, since_log) -> None:
+    """Writes the mean of each metric over the steps since the last log line."""
+    self.writer.write(step, {k: np.mean([float(m[k]) for m in since_log])
+                             for k in since_log[-1]})
+
+  def _summarize(self, step: int, results: dict[str, float]) -> dict[str, Any]:
+    summary = {"step": step, **{k: float(v) for k, v in results.items()}}
+    if jax.process_index() == 0:
+      tmp = os.path.join(self.workdir, SUMMARY + ".tmp")
+      with open(tmp, "w") as f:
+        json.dump(summary, f, indent=1)
+      os.replace(tmp, os.path.join(self.workdir, SUMMARY))
+    return summary

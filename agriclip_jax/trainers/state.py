@@ -1,0 +1,96 @@
+"""Train state: created sharded, resumed from the workdir, or initialised from another run.
+
+The state is a dict `{step, params, opt_state, rng}`; `opt_state` covers only the trainable
+parameters (see `optim.split`). `rng` holds raw uint32 key data so checkpoints stay plain.
+"""
+
+import dataclasses
+import os
+import re
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from agriclip_jax import checkpointing
+from agriclip_jax import optim
+from agriclip_jax import sharding
+from agriclip_jax.pytree import flatten, unflatten
+
+
+@dataclasses.dataclass
+class StateSpec:
+  init: Callable[[], Any]  # () -> state, jitted with out_shardings
+  shardings: Any
+  abstract: Any  # ShapeDtypeStructs with shardings (restore target)
+  labels: dict[str, str]  # parameter path -> optimizer group or "frozen"
+
+
+def make_spec(model_init: Callable[[jax.Array], Any], tx, labels, mesh, rules, seed: int,
+              fsdp_min_size: int = 2**14) -> StateSpec:
+  """`model_init(rng) -> params`; `tx` works on the trainable sub-tree given by `labels`."""
+
+  def init():
+    rng = jax.random.key(seed)
+    params = model_init(jax.random.fold_in(rng, 0))
+    trainable, _ = optim.split(params, labels)
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": tx.init(trainable), "rng": jax.random.key_data(rng)}
+
+  shape = jax.eval_shape(init)
+  params_sharding = sharding.param_shardings(mesh, shape["params"], rules, fsdp_min_size)
+  shardings = {
+      "step": sharding.replicated(mesh), "rng": sharding.replicated(mesh),
+      "params": params_sharding,
+      "opt_state": sharding.follow_params(mesh, shape["opt_state"], shape["params"],
+                                          params_sharding, fsdp_min_size),
+  }
+  return StateSpec(jax.jit(init, out_shardings=shardings), shardings,
+                   checkpointing.abstract(shape, shardings), labels)
+
+
+def latest_step(directory: str) -> int | None:
+  if not os.path.isdir(directory):
+    return None
+  steps = [int(d) for d in os.listdir(directory)
+           if d.isdigit() and os.path.isdir(os.path.join(directory, d, "state"))]
+  return max(steps) if steps else None
+
+
+def load_params(init_config, state, spec: StateSpec, workdir: str):
+  """Overwrites parameters of `state` with those of another run's latest checkpoint.
+
+  `init_config.workdir` is the other run's workdir; `params` / `skip` are regexes over
+  parameter paths that select what is copied. Every selected parameter must exist in this
+  model with the same shape.
+  """
+  from agriclip_jax import config_lib  # pylint: disable=g-import-not-at-top
+  source = os.path.join(config_lib.expand_path(init_config.workdir, workdir), "checkpoints")
+  step = latest_step(source)
+  if step is None:
+    raise config_lib.ConfigError(f"config.init.workdir has no checkpoint in {source}")
+  path = os.path.join(source, str(step), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  stored = flatten(checkpointer.metadata(path).tree["params"])
+  select = re.compile(init_config.get("params") or ".*")
+  skip = re.compile(init_config.skip) if init_config.get("skip") else None
+  chosen = [k for k in stored if select.fullmatch(k) and not (skip and skip.fullmatch(k))]
+  target = flatten(spec.abstract["params"])
+  problems = [f"{k} is not in this model" for k in chosen if k not in target]
+  problems += [f"{k}: {tuple(stored[k].shape)} in {path} vs {target[k].shape} here"
+               for k in chosen if k in target and tuple(stored[k].shape) != target[k].shape]
+  if problems:
+    raise checkpointing.CheckpointMismatchError(
+        f"cannot initialise from {path}: " + "; ".join(problems[:3])
+        + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
+  if not chosen:
+    raise config_lib.ConfigError(f"config.init selects no parameters of {path}")
+  item = {"params": unflatten({k: target[k] for k in chosen})}
+  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), item)
+  loaded = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=True))
+  loaded = flatten(loaded["params"])
+  logging.info("Initialised %d of %d parameter arrays from %s", len(loaded), len(target), path)
+  return {**state, "params": unflatten({**flatten(state["params"]), **loaded})}
