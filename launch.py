@@ -9,7 +9,9 @@ import os
 import re
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF (used by TFDS and CLU) is quiet.
+# TensorFlow (used by TFDS and CLU for files and summaries, never for compute) stays quiet.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
@@ -32,6 +34,32 @@ def default_workdir(config_arg: str) -> str:
   return os.path.join("workdirs", name + ("_" + re.sub(r"[^\w.-]+", "_", arg) if arg else ""))
 
 
+def parse_flags(argv):
+  """absl flag parsing, but a bad --config.<field> is one line naming the field."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+    from agriclip_jax import config_lib  # pylint: disable=g-import-not-at-top
+    message = str(e).strip().splitlines()[-1]
+    args = iter(argv[1:])
+    config_spec, overrides = None, []
+    for arg in args:
+      name, has_value, value = arg.lstrip("-").partition("=")
+      if name == "config":
+        config_spec = value if has_value else next(args, None)
+      elif name.startswith("config."):
+        overrides.append(name[len("config."):])
+    try:
+      if config_spec:
+        config = config_lib.load(config_spec)
+        for field in overrides:
+          config_lib.check_field(config, field)
+    except config_lib.ConfigError as known:
+      message = str(known)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -41,9 +69,14 @@ def main(argv) -> int:
   from agriclip_jax import trainers  # pylint: disable=g-import-not-at-top
   from agriclip_jax.trainers import common  # pylint: disable=g-import-not-at-top
 
+  config_spec = flags.FLAGS["config"].config_filename
+  config_path = config_spec.partition(":")[0]
+  if not os.path.exists(config_path):
+    print(f"error: config file {config_path} does not exist", file=sys.stderr)
+    return 2
   logging.set_verbosity(logging.INFO)
   distributed.quiet_library_logs()
-  workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
+  workdir = _WORKDIR.value or default_workdir(config_spec)
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     distributed.hide_accelerators_from_tensorflow()
@@ -61,4 +94,4 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

@@ -62,7 +62,8 @@ class Checkpoints:
                  for k in wanted if k in stored
                  and (tuple(stored[k].shape) != tuple(wanted[k].shape)
                       or np.dtype(stored[k].dtype) != np.dtype(wanted[k].dtype))]
-    if problems:
+    if problems:  # Parameters first: optimizer-state problems usually follow from them.
+      problems.sort(key=lambda p: not p.startswith("params/"))
       more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
       raise CheckpointMismatchError(
           f"checkpoint {self.directory}/{step} does not match the config: "

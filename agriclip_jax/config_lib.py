@@ -105,3 +105,15 @@ def load(config_spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg or None)
+
+
+def check_field(config, dotted_name: str) -> None:
+  """ConfigError if `a.b.c` is not a field of `config` (for command-line overrides)."""
+  node, walked = config, []
+  for key in dotted_name.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+      options = node.keys() if isinstance(node, ml_collections.ConfigDict) else []
+      raise ConfigError(f"unknown config field {'.'.join(walked + [key])!r}"
+                        f"{_did_you_mean(key, options)}")
+    node = node[key]
+    walked.append(key)

@@ -18,6 +18,7 @@ from agriclip_jax.input.tokenizer import Tokenizer
 
 # type -> module defining `default_config()` and `Evaluator(name, config, context)`.
 REGISTRY = {
+    "classification": "agriclip_jax.evaluators.classification",
     "zeroshot": "agriclip_jax.evaluators.zeroshot",
 }
 

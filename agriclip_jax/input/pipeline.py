@@ -66,18 +66,23 @@ class _RowsOfGlobalBatches(grain.MapDataset):
 
 @dataclasses.dataclass(frozen=True)
 class TrainTransform:
-  """Decode + random resized crop + flip, and one caption (drawn per step) tokenized."""
-  tokenize: Callable[[list[str]], np.ndarray]
+  """Decode + random resized crop + flip; one caption (drawn per step) tokenized; the label."""
   image_size: int
+  tokenize: Callable[[list[str]], np.ndarray] | None = None  # None: no text.
   image_key: str = "image"
   text_key: str = "captions"
+  label_key: str | None = None  # None: no label.
   crop_scale: tuple[float, float] = (0.5, 1.0)
   flip: bool = True
 
   def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    image = preprocess.train_image(example[self.image_key], self.image_size, rng,
-                                   scale=self.crop_scale, flip=self.flip)
-    return {"image": image, "text": self.tokenize([pick_text(example[self.text_key], rng)])[0]}
+    out = {"image": preprocess.train_image(example[self.image_key], self.image_size, rng,
+                                           scale=self.crop_scale, flip=self.flip)}
+    if self.tokenize is not None:
+      out["text"] = self.tokenize([pick_text(example[self.text_key], rng)])[0]
+    if self.label_key is not None:
+      out["label"] = np.int32(example[self.label_key])
+    return out
 
 
 def pick_text(value, rng: np.random.Generator | None = None) -> str:

@@ -77,11 +77,15 @@ def tower_kwargs(config: Mapping[str, Any], kind: str, out_dim: int | None,
   return base
 
 
-def make(config, vocab_size: int | None = None) -> Model:
-  """The model a `config.model` describes. `vocab_size` comes from the tokenizer."""
-  dtype = config.get("dtype", "float32")
+def check_dtype(dtype: str) -> str:
   if dtype not in DTYPES:
     raise config_lib.ConfigError(f"model.dtype {dtype!r} is not one of {list(DTYPES)}")
+  return dtype
+
+
+def make(config, vocab_size: int | None = None) -> Model:
+  """The model a `config.model` describes. `vocab_size` comes from the tokenizer."""
+  dtype = check_dtype(config.get("dtype", "float32"))
   img = tower_kwargs(config.img, "img", config.out_dim, dtype)
   txt = tower_kwargs(config.txt, "txt", config.out_dim, dtype)
   if vocab_size is not None:

@@ -8,6 +8,7 @@ from agriclip_jax import config_lib
 
 TRAINERS = {
     "contrastive": "agriclip_jax.trainers.contrastive",
+    "supervised": "agriclip_jax.trainers.supervised",
 }
 
 

@@ -9,6 +9,7 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
+import optax
 
 from agriclip_jax import config_lib
 from agriclip_jax import metrics as metrics_lib
@@ -85,6 +86,29 @@ def run_init_stage(config, workdir: str) -> None:
   trainers.run(config_lib.load(config.init.config), stage_workdir)
 
 
+def train_step(objective: Callable, tx, labels: dict[str, str], lr_schedule: Callable):
+  """A step function from `objective(params, batch, rng) -> (loss, metrics)`.
+
+  Gradients are taken with respect to the trainable parameters only, so nothing is computed
+  for frozen towers' backward passes and they pass through the step unchanged.
+  """
+
+  def step(state, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    trainable, frozen = optim.split(state["params"], labels)
+    grad_fn = jax.value_and_grad(
+        lambda t: objective(optim.merge(t, frozen), batch, rng), has_aux=True)
+    (loss, metrics), grads = grad_fn(trainable)
+    updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   lr=lr_schedule(state["step"]))
+    return dict(state, step=state["step"] + 1, opt_state=opt_state,
+                params=optim.merge(trainable, frozen)), metrics
+
+  return step
+
+
 def make_tokenizer(config, builder, source) -> tokenizer_lib.Tokenizer:
   if config.tokenizer.path:
     return tokenizer_lib.from_pretrained(os.path.expanduser(config.tokenizer.path),
@@ -133,11 +157,12 @@ class Setup:
                  f"{sum(sizes.values()) - frozen:,}", f"{frozen:,}")
     return spec, tx, lr_schedule
 
-  def run(self, spec, train_step, transform, encode_images, encode_texts=None,
-          tokenizer=None) -> dict[str, Any]:
+  def run(self, spec, objective, tx, lr_schedule, transform, encode_images,
+          encode_texts=None, tokenizer=None) -> dict[str, Any]:
     """Compiles the step, builds the data iterator and evaluators, and runs the loop."""
     config, replicated = self.config, sharding.replicated(self.mesh)
-    step_fn = jax.jit(train_step, in_shardings=(spec.shardings, self.batch_sharding),
+    step = train_step(objective, tx, spec.labels, lr_schedule)
+    step_fn = jax.jit(step, in_shardings=(spec.shardings, self.batch_sharding),
                       out_shardings=(spec.shardings, replicated), donate_argnums=0)
     rows = pipeline.rows_of_process(self.batch_sharding, config.input.batch_size)
     train_iter = pipeline.train_iterator(

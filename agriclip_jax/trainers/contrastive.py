@@ -8,9 +8,7 @@ import functools
 
 import jax
 import ml_collections
-import optax
 
-from agriclip_jax import optim
 from agriclip_jax.input import pipeline
 from agriclip_jax.input import preprocess
 from agriclip_jax.losses import contrastive as losses
@@ -45,6 +43,24 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
+def make_objective(model, loss_name: str, normalize):
+  """(params, batch, rng) -> (loss, metrics) for a two-tower model."""
+  loss_fn = losses.get(loss_name)
+
+  def objective(params, batch, rng):
+    zimg, ztxt, extras = model.apply({"params": params}, normalize(batch["image"]),
+                                     batch["text"], train=True, rngs={"dropout": rng})
+    loss, metrics = loss_fn(zimg, ztxt, extras["logit_scale"], extras.get("logit_bias"))
+    metrics["logit_scale"] = extras["logit_scale"]
+    if "logit_bias" in extras:
+      metrics["logit_bias"] = extras["logit_bias"]
+    metrics["img/norm"] = extras["img/norm"].mean()
+    metrics["txt/norm"] = extras["txt/norm"].mean()
+    return loss, metrics
+
+  return objective
+
+
 def train(config: ml_collections.ConfigDict, workdir: str):
   done = common.finished(config, workdir)
   if done is not None:
@@ -62,32 +78,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   spec, tx, lr_schedule = setup.state_spec(model_init)
   normalize = functools.partial(preprocess.normalize, mean=config.input.mean,
                                 std=config.input.std)
-  loss_fn = losses.get(config.loss)
-
-  def train_step(state, batch):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    trainable, frozen = optim.split(state["params"], spec.labels)
-
-    def objective(trainable):
-      zimg, ztxt, extras = model.apply(
-          {"params": optim.merge(trainable, frozen)}, normalize(batch["image"]),
-          batch["text"], train=True, rngs={"dropout": rng})
-      loss, metrics = loss_fn(zimg, ztxt, extras["logit_scale"], extras.get("logit_bias"))
-      metrics["logit_scale"] = extras["logit_scale"]
-      if "logit_bias" in extras:
-        metrics["logit_bias"] = extras["logit_bias"]
-      metrics["img/norm"] = extras["img/norm"].mean()
-      metrics["txt/norm"] = extras["txt/norm"].mean()
-      return loss, metrics
-
-    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
-    updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
-                   lr=lr_schedule(state["step"]))
-    new_state = dict(state, step=state["step"] + 1, opt_state=opt_state,
-                     params=optim.merge(trainable, frozen))
-    return new_state, metrics
+  objective = make_objective(model, config.loss, normalize)
 
   transform = pipeline.TrainTransform(
       tokenize=tokenizer.encode, image_size=image_size, image_key=config.input.image_key,
@@ -100,4 +91,5 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   def encode_texts(params, tokens):
     return model.apply({"params": params}, None, tokens)[1]
 
-  return setup.run(spec, train_step, transform, encode_images, encode_texts, tokenizer)
+  return setup.run(spec, objective, tx, lr_schedule, transform, encode_images, encode_texts,
+                   tokenizer)

@@ -126,7 +126,8 @@ class Loop:
       while step < total:
         if stop.reached(step):
           self._check(unchecked)
-          checkpoints.save(step, state, self.train_iter)
+          if checkpoints.latest_step() != step:  # It may have just been saved.
+            checkpoints.save(step, state, self.train_iter)
           checkpoints.wait()
           raise Preempted(f"stopped by SIGTERM at step {step}; checkpoint saved in "
                           f"{checkpoints.directory}; run the same command to resume")

@@ -73,7 +73,7 @@ def load_params(init_config, state, spec: StateSpec, workdir: str):
     raise config_lib.ConfigError(f"config.init.workdir has no checkpoint in {source}")
   path = os.path.join(source, str(step), "state")
   checkpointer = ocp.PyTreeCheckpointer()
-  stored = flatten(checkpointer.metadata(path).tree["params"])
+  stored = flatten(checkpointer.metadata(path).item_metadata.tree["params"])
   select = re.compile(init_config.get("params") or ".*")
   skip = re.compile(init_config.skip) if init_config.get("skip") else None
   chosen = [k for k in stored if select.fullmatch(k) and not (skip and skip.fullmatch(k))]

@@ -1,0 +1,41 @@
+"""Test set-up: 8 simulated CPU devices, the repo on sys.path, a small dataset, launch helpers."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+# Before JAX is imported anywhere: in-process tests see 8 CPU devices.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+  """A TFDS data dir holding agri_synthetic/small, built once per session."""
+  from agriclip_jax.input import datasets  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp("tfds"))
+  datasets.builder("agri_synthetic/small", path)
+  return path
+
+
+def launch(workdir, config="tests/tiny_config.py:kind=clip", *overrides, data_dir=None,
+           devices=1, background=False, timeout=600, extra_env=None):
+  """Runs launch.py in a subprocess (own device count); returns CompletedProcess or Popen."""
+  env = dict(os.environ, PYTHONUNBUFFERED="1",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  if data_dir:
+    env["TFDS_DATA_DIR"] = data_dir
+  env.update(extra_env or {})
+  cmd = [sys.executable, str(REPO / "launch.py"), f"--config={config}",
+         f"--workdir={workdir}", *overrides]
+  if background:
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=timeout)

@@ -1,0 +1,100 @@
+"""Checkpoint round trip (sharded state + data iterator), resume step, mismatch errors."""
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from agriclip_jax import checkpointing
+from agriclip_jax import sharding
+from agriclip_jax.pytree import flatten
+from agriclip_jax.trainers import state as state_lib
+
+
+def _state(mesh, width=8):
+  fsdp = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", None))
+  replicated = sharding.replicated(mesh)
+  state = {"step": jnp.int32(7),
+           "params": {"img": {"kernel": jnp.arange(width * 4.0).reshape(width, 4)},
+                      "txt": {"bias": jnp.ones(3)}},
+           "rng": jax.random.key_data(jax.random.key(3))}
+  shardings = {"step": replicated, "rng": replicated,
+               "params": {"img": {"kernel": fsdp}, "txt": {"bias": replicated}}}
+  return jax.device_put(state, shardings), shardings
+
+
+def _iterator():
+  return iter(grain.MapDataset.range(100).to_iter_dataset().batch(4))
+
+
+def test_round_trip_restores_values_shardings_and_next_batch(tmp_path):
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 4)])
+  state, shardings = _state(mesh)
+  iterator = _iterator()
+  next(iterator), next(iterator)
+  checkpoints = checkpointing.Checkpoints(str(tmp_path), max_to_keep=2)
+  checkpoints.save(7, state, iterator)
+  np.testing.assert_array_equal(next(iterator), [8, 9, 10, 11])
+  checkpoints.save(9, state, iterator)
+  checkpoints.save(11, state, iterator)
+  checkpoints.wait()
+  assert checkpoints.latest_step() == 11
+  assert state_lib.latest_step(str(tmp_path)) == 11
+  assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [9, 11]
+
+  resumed_iterator = _iterator()
+  checkpoints = checkpointing.Checkpoints(str(tmp_path))
+  restored = checkpoints.restore(9, checkpointing.abstract(state, shardings), resumed_iterator)
+  np.testing.assert_array_equal(next(resumed_iterator), [12, 13, 14, 15])
+  for path, value in flatten(restored["params"]).items():
+    np.testing.assert_array_equal(value, flatten(state["params"])[path])
+    assert value.sharding == flatten(shardings["params"])[path]
+  assert int(restored["step"]) == 7
+
+
+def test_mismatched_checkpoint_is_one_clear_error(tmp_path):
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 4)])
+  state, shardings = _state(mesh, width=8)
+  checkpoints = checkpointing.Checkpoints(str(tmp_path))
+  checkpoints.save(1, state)
+  checkpoints.wait()
+  other, other_shardings = _state(mesh, width=16)
+  other["params"]["extra"] = jnp.zeros(2)
+  other_shardings["params"]["extra"] = sharding.replicated(mesh)
+  with pytest.raises(checkpointing.CheckpointMismatchError) as error:
+    checkpoints.restore(1, checkpointing.abstract(other, other_shardings))
+  message = str(error.value)
+  assert "params/img/kernel: checkpoint (8, 4) float32 vs config (16, 4) float32" in message
+  assert "params/extra missing from the checkpoint" in message
+  assert "\n" not in message
+
+
+def test_load_params_copies_selected_parameters_from_another_run(tmp_path):
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 4)])
+  source, _ = _state(mesh)
+  source["params"]["img"]["head"] = jnp.full((2,), 5.0)
+  writer = checkpointing.Checkpoints(str(tmp_path / "pretrain" / "checkpoints"))
+  writer.save(3, source)
+  writer.wait()
+
+  target = {"step": jnp.int32(0), "rng": source["rng"],
+            "params": {"img": {"kernel": jnp.zeros((8, 4)), "head": jnp.zeros(2)},
+                       "txt": {"bias": jnp.zeros(3)}}}
+  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), target)
+  spec = state_lib.StateSpec(init=None, shardings=shardings,
+                             abstract=checkpointing.abstract(target, shardings), labels={})
+  config = ml_collections.ConfigDict(dict(workdir="{workdir}/pretrain", params="img/.*",
+                                          skip="img/head"))
+  loaded = state_lib.load_params(config, target, spec, str(tmp_path))
+  np.testing.assert_array_equal(loaded["params"]["img"]["kernel"],
+                                source["params"]["img"]["kernel"])
+  np.testing.assert_array_equal(loaded["params"]["img"]["head"], np.zeros(2))  # skipped
+  np.testing.assert_array_equal(loaded["params"]["txt"]["bias"], np.zeros(3))  # not selected
+
+  config.params = "txt/.*"  # txt/bias is (3,) in both: fine. Now a shape clash:
+  target["params"]["txt"]["bias"] = jnp.zeros(4)
+  spec.abstract = checkpointing.abstract(target, shardings)
+  with pytest.raises(checkpointing.CheckpointMismatchError, match=r"txt/bias: \(3,\)"):
+    state_lib.load_params(config, target, spec, str(tmp_path))

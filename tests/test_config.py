@@ -1,0 +1,70 @@
+"""Config arguments, validation against trainer fields, and the shipped configs."""
+
+import glob
+
+import ml_collections
+import pytest
+
+from agriclip_jax import config_lib
+from agriclip_jax import trainers
+
+
+def test_parse_arg_types_and_errors():
+  options = config_lib.parse_arg("demo,img=S/16,batch=32,lr=0.5", demo=False, img="B/16",
+                                 batch=0, lr=1.0, name=None)
+  assert options.demo is True and options.img == "S/16"
+  assert options.batch == 32 and options.lr == 0.5 and options.name is None
+  with pytest.raises(config_lib.ConfigError, match="unknown config option 'dmeo' "
+                                                   r"\(did you mean 'demo'\?\)"):
+    config_lib.parse_arg("dmeo", demo=False)
+  with pytest.raises(config_lib.ConfigError, match="expects int"):
+    config_lib.parse_arg("batch=big", batch=0)
+  with pytest.raises(config_lib.ConfigError, match="needs a value"):
+    config_lib.parse_arg("batch", batch=0)
+
+
+def _demo():
+  return config_lib.load("configs/alive_clip.py:demo")
+
+
+def test_unknown_field_in_a_config_file_is_named():
+  config = _demo()
+  config.optim.lr_schedul = "cosine"  # A typo in a config file adds a new field.
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"unknown config field 'optim.lr_schedul' \(did you mean"):
+    trainers.validate(config)
+
+
+def test_unknown_evaluator_field_and_type_are_named():
+  config = _demo()
+  config.evals.heldout.splt = "x"
+  with pytest.raises(config_lib.ConfigError, match=r"'evals.heldout.splt' \(did you mean "
+                                                   "'split'"):
+    trainers.validate(config)
+  config = _demo()
+  config.evals.other = dict(type="zero_shot")
+  with pytest.raises(config_lib.ConfigError, match="unknown evaluator type 'zero_shot'"):
+    trainers.validate(config)
+
+
+def test_unknown_trainer_and_override_field():
+  config = ml_collections.ConfigDict(dict(trainer="dino_v9"))
+  with pytest.raises(config_lib.ConfigError, match="unknown trainer 'dino_v9'"):
+    trainers.validate(config)
+  with pytest.raises(config_lib.ConfigError, match="'model.img.widht'"):
+    config_lib.check_field(_demo(), "model.img.widht")
+  config_lib.check_field(_demo(), "model.img.width")
+
+
+def test_every():
+  assert [s for s in range(1, 11) if config_lib.every(s, 4, total=10)] == [4, 8, 10]
+  assert [s for s in range(1, 11) if config_lib.every(s, 0, total=10)] == [10]
+
+
+@pytest.mark.parametrize("spec", sorted(
+    [f"{path}:{arg}" for path in glob.glob("configs/[!_]*.py") for arg in ("", "demo")]
+    + [f"tests/tiny_config.py:kind={k}" for k in ("clip", "lit", "pretrain")]))
+def test_shipped_configs_validate(spec):
+  config = config_lib.load(spec.rstrip(":"))
+  trainers.validate(config)
+  assert config.total_steps > 0

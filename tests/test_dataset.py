@@ -1,0 +1,106 @@
+"""agri_synthetic builds and yields what it promises; missing datasets fail in one line."""
+
+import io
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from agriclip_jax.input import datasets
+from data.agri_synthetic import spec as spec_lib
+
+
+@pytest.fixture(scope="module")
+def small(data_dir):
+  return datasets.builder("agri_synthetic/small", data_dir)
+
+
+def test_splits_and_sizes(small):
+  classes = spec_lib.classes()
+  held_out = [c for c in classes if c.held_out]
+  assert len(classes) == 72 and len(held_out) == 12
+  splits = small.info.splits
+  assert splits["train"].num_examples == 60 * 12
+  assert splits["test"].num_examples == 60 * 3
+  assert splits["heldout"].num_examples == 12 * 4
+  assert small.info.metadata["heldout_classes"] == [c.name for c in held_out]
+
+
+def test_examples_have_every_promised_feature(small):
+  classes = spec_lib.classes()
+  for split in ("train", "heldout"):
+    source = datasets.data_source(small, split)
+    for i in range(0, len(source), 37):
+      ex = source[i]
+      spec = classes[ex["label"]]
+      assert spec.held_out == (split == "heldout")
+      image = np.asarray(Image.open(io.BytesIO(ex["image"])))
+      assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+      captions = [c.decode() for c in ex["captions"]]
+      assert len(captions) == len(spec_lib.CAPTION_TEMPLATES)
+      for caption in captions:  # Every caption names the colour and the subject.
+        assert spec.colour in caption and spec.subject in caption
+      assert ex["class_name"].decode() == spec.name
+      assert small.info.features["domain"].int2str(ex["domain"]) == spec.domain
+      taxonomy = {k: v.decode() for k, v in ex["taxonomy"].items()}
+      assert taxonomy == spec.taxonomy and set(taxonomy) == set(spec_lib.TAXONOMY_RANKS)
+      assert ex["attributes"]["pattern"].decode() == spec.pattern
+
+
+def test_taxonomy_nests():
+  """Each taxon has a single parent, so rank-level accuracy is well defined."""
+  parents = {}
+  for spec in spec_lib.classes():
+    ranks = [spec.taxonomy[r] for r in spec_lib.TAXONOMY_RANKS]
+    for parent, child in zip(ranks, ranks[1:]):
+      assert parents.setdefault(child, parent) == parent
+
+
+def test_generation_is_deterministic():
+  spec = spec_lib.classes()[5]
+  from data.agri_synthetic import agri_synthetic_dataset_builder as builder_lib
+  a = builder_lib.example(spec, np.random.default_rng([0, 0, 5, 1]), 64, "k")
+  b = builder_lib.example(spec, np.random.default_rng([0, 0, 5, 1]), 64, "k")
+  c = builder_lib.example(spec, np.random.default_rng([0, 0, 5, 2]), 64, "k")
+  assert a == b and a["image"] != c["image"]
+
+
+def test_unknown_dataset_and_split_are_one_line_errors(small, tmp_path):
+  with pytest.raises(datasets.DatasetError, match="unknown dataset 'no_such_set'"):
+    datasets.builder("no_such_set", str(tmp_path))
+  with pytest.raises(datasets.DatasetError, match="has no split 'validation'"):
+    datasets.data_source(small, "validation")
+
+
+MANUAL_BUILDER = """
+import numpy as np
+import tensorflow_datasets as tfds
+
+
+class ManualOnly(tfds.core.GeneratorBasedBuilder):
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "Put the files in manual_dir."
+
+  def _info(self):
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(
+        {"x": tfds.features.Scalar(np.int32)}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    yield 0, {"x": 0}
+"""
+
+
+def test_manual_dataset_not_prepared_says_how_to_prepare(tmp_path, monkeypatch):
+  """A builder that needs the user's files (like ALive) is never built implicitly."""
+  package = tmp_path / "manual_pkg"
+  package.mkdir()
+  (package / "__init__.py").write_text(MANUAL_BUILDER)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  __import__("manual_pkg")
+  with pytest.raises(datasets.DatasetError, match=r"not prepared .*tfds build data/manual_only "
+                                                  r"--manual_dir="):
+    datasets.builder("manual_only", str(tmp_path / "tfds"))
+  assert not (tmp_path / "tfds" / "manual_only").exists()

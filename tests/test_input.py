@@ -1,0 +1,148 @@
+"""Tokenizer layout, image preprocessing, per-process rows, eval padding, iterator resume."""
+
+import io
+import json
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from agriclip_jax.input import pipeline
+from agriclip_jax.input import preprocess
+from agriclip_jax.input import tokenizer as tokenizer_lib
+
+TEXTS = ["a photo of a yellow spotted leaf.", "a red striped fish in clear water.",
+         "brown cattle on a pasture", "é non-ascii ünïcode text"] * 5
+
+
+def _tokenizer(max_len=10):
+  return tokenizer_lib.from_trained(tokenizer_lib.train_bpe(TEXTS, 200), max_len)
+
+
+def test_tokens_are_fixed_length_padded_and_end_with_eot():
+  tok = _tokenizer(max_len=24)
+  out = tok.encode(["a yellow leaf", "a photo of a yellow spotted leaf on a red striped fish" * 3,
+                    ""])
+  assert out.shape == (3, 24) and out.dtype == np.int32
+  for row in out:
+    nonzero = np.flatnonzero(row)
+    assert row[0] == tok.sot_id
+    assert row[nonzero[-1]] == tok.eot_id  # EOT is the last non-padding token...
+    assert np.all(row[nonzero[-1] + 1:] == 0)  # ...and only padding follows.
+  assert np.count_nonzero(out[1]) == 24  # Truncated to fit, EOT kept.
+  assert np.count_nonzero(out[2]) == 2  # Empty text: start and end tokens only.
+  assert tok.decode(out[0]).strip() == "a yellow leaf"
+  assert tok.decode(tok.encode(["ünïcode"])[0]).strip() == "ünïcode"
+
+
+def test_pretrained_tokenizer_directory(tmp_path):
+  trained = tokenizer_lib.train_bpe(TEXTS, 200)
+  trained.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "special_tokens_map.json").write_text(json.dumps(
+      {"eos_token": {"content": "<eot>"}, "bos_token": "<sot>"}))
+  tok = tokenizer_lib.from_pretrained(str(tmp_path), max_len=12)
+  assert (tok.eot_id, tok.sot_id) == (trained.token_to_id("<eot>"),
+                                      trained.token_to_id("<sot>"))
+  np.testing.assert_array_equal(tok.encode(TEXTS[:2]), _tokenizer(12).encode(TEXTS[:2]))
+  with pytest.raises(FileNotFoundError):
+    tokenizer_lib.from_pretrained(str(tmp_path / "missing"), max_len=12)
+
+
+def _image_bytes(width, height, fmt="PNG", seed=0):
+  pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, format=fmt)
+  return buffer.getvalue(), pixels
+
+
+def test_eval_image_is_resized_central_square():
+  data, pixels = _image_bytes(40, 20)
+  out = preprocess.eval_image(data, 20)
+  np.testing.assert_array_equal(out, pixels[:, 10:30])  # Same size: the exact centre crop.
+  assert preprocess.eval_image(data, 8).shape == (8, 8, 3)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_train_image_crops_inside_and_resizes(fmt):
+  data, _ = _image_bytes(120, 90, fmt)
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    box = preprocess.random_resized_crop_box(120, 90, rng, scale=(0.3, 0.6))
+    x0, y0, x1, y1 = box
+    assert 0 <= x0 < x1 <= 120 and 0 <= y0 < y1 <= 90
+    assert 0.25 <= (x1 - x0) * (y1 - y0) / (120 * 90) <= 0.65
+    out = preprocess.train_image(data, 24, rng)
+    assert out.shape == (24, 24, 3) and out.dtype == np.uint8
+
+
+def test_corrupt_and_truncated_images_raise_clear_errors():
+  with pytest.raises(preprocess.CorruptImageError, match="cannot decode image"):
+    preprocess.eval_image(b"not an image", 8)
+  data, _ = _image_bytes(64, 64, "JPEG")
+  with pytest.raises(preprocess.CorruptImageError):
+    preprocess.eval_image(data[: len(data) // 3], 8)
+
+
+def test_normalize_matches_formula():
+  images = np.arange(2 * 2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 2, 3)
+  out = np.asarray(preprocess.normalize(images))
+  want = (images / 255.0 - np.array(preprocess.CLIP_MEAN)) / np.array(preprocess.CLIP_STD)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def _source(n=20):
+  return [{"image": _image_bytes(12, 12, seed=i)[0],
+           "captions": [f"caption {i} a", f"caption {i} b"], "label": i} for i in range(n)]
+
+
+def _transform(tok):
+  return pipeline.TrainTransform(image_size=8, tokenize=tok.encode, label_key="label")
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def test_two_processes_read_disjoint_halves_of_the_same_global_batches():
+  source, tok = _source(), _tokenizer()
+  whole = _take(pipeline.train_iterator(source, _transform(tok), pipeline.Rows(0, 8, 8),
+                                        seed=3, num_threads=2), 6)
+  first = _take(pipeline.train_iterator(source, _transform(tok), pipeline.Rows(0, 4, 8),
+                                        seed=3, num_threads=2), 6)
+  second = _take(pipeline.train_iterator(source, _transform(tok), pipeline.Rows(4, 8, 8),
+                                         seed=3, num_threads=2), 6)
+  for w, a, b in zip(whole, first, second):
+    for key in ("image", "text", "label"):
+      np.testing.assert_array_equal(w[key], np.concatenate([a[key], b[key]]))
+  # Over 6 batches of 8 from 20 examples: two full epochs, each example twice.
+  labels = np.concatenate([b["label"] for b in whole[:5]])
+  assert sorted(labels[:20]) == list(range(20))
+
+
+def test_iterator_state_resumes_with_the_exact_next_batch():
+  source, tok = _source(), _tokenizer()
+  make = lambda: pipeline.train_iterator(source, _transform(tok), pipeline.Rows(0, 4, 4),
+                                         seed=1, num_threads=2)
+  reference = _take(make(), 7)
+  iterator = make()
+  _take(iterator, 3)
+  state = iterator.get_state()
+  resumed = make()
+  resumed.set_state(state)
+  for want, got in zip(reference[3:], _take(resumed, 4)):
+    for key in want:
+      np.testing.assert_array_equal(want[key], got[key])
+
+
+@pytest.mark.parametrize("n,batch,rows", [(10, 4, (0, 4)), (10, 4, (2, 4)), (3, 8, (0, 8)),
+                                          (8, 4, (0, 2))])
+def test_eval_batches_cover_every_example_once(n, batch, rows):
+  source = _source(n)
+  transform = lambda ex: {"label": np.int32(ex["label"])}
+  seen = []
+  for start in range(0, batch, rows[1] - rows[0]):  # All processes' rows.
+    process = pipeline.Rows(start, start + rows[1] - rows[0], batch)
+    for local in pipeline.eval_batches(source, transform, process, num_threads=2):
+      assert len(local["label"]) == process.size
+      seen += list(local["label"][local["mask"]])
+  assert sorted(seen) == list(range(n))

@@ -1,0 +1,170 @@
+"""End-to-end runs through launch.py: train, resume, kill, preempt, bad input."""
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from agriclip_jax import metrics as metrics_lib
+from agriclip_jax.pytree import flatten
+from agriclip_jax.trainers import state as state_lib
+from conftest import launch
+
+LONG = ("--config.total_steps=120", "--config.eval_every=120")
+
+
+def _summary(workdir):
+  """The run's final metrics, without wall-clock timings."""
+  with open(os.path.join(workdir, "summary.json")) as f:
+    return {k: v for k, v in json.load(f).items() if not k.endswith("/seconds")}
+
+
+def _last_losses(workdir):
+  """The last logged loss of each step (a resumed run logs some steps twice)."""
+  return {r["step"]: r["loss"] for r in metrics_lib.read_jsonl(workdir) if "loss" in r}
+
+
+def _checkpoint_steps(workdir):
+  directory = os.path.join(workdir, "checkpoints")
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def _wait_for_checkpoint(process, workdir, step, timeout=300):
+  start = time.time()
+  while state_lib.latest_step(os.path.join(workdir, "checkpoints")) is None or \
+      state_lib.latest_step(os.path.join(workdir, "checkpoints")) < step:
+    assert process.poll() is None, process.stdout.read()
+    assert time.time() - start < timeout, "no checkpoint in time"
+    time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+  """An uninterrupted 120-step run."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  result = launch(workdir, "tests/tiny_config.py:kind=clip", *LONG, data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_train_evaluate_checkpoint_log_then_rerun_ends_at_once(data_dir, tmp_path):
+  workdir = str(tmp_path)
+  result = launch(workdir, data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "finished at step 12" in result.stdout
+  assert "heldout: top-1" in result.stdout and "(chance 0.0833)" in result.stdout
+  summary = _summary(workdir)
+  assert summary["step"] == 12 and summary["heldout/num_examples"] == 48
+  assert _checkpoint_steps(workdir) == [4, 8, 12]
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+  logged = metrics_lib.read_jsonl(workdir)
+  train_record = [r for r in logged if "loss" in r][-1]
+  for key in ("logit_scale", "logits/positive", "logits/negative", "img/norm", "txt/norm",
+              "lr", "grad_norm", "batch_accuracy/img2txt"):
+    assert key in train_record, key
+
+  start = time.time()
+  again = launch(workdir, data_dir=data_dir)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout == result.stdout  # Same final report...
+  assert len(metrics_lib.read_jsonl(workdir)) == len(logged)  # ...and nothing redone.
+  assert "already finished" in again.stderr
+  assert time.time() - start < 60
+
+
+def test_sigkill_midway_then_rerun_gives_the_uninterrupted_result(data_dir, tmp_path,
+                                                                 reference):
+  workdir = str(tmp_path)
+  process = launch(workdir, "tests/tiny_config.py:kind=clip", *LONG, data_dir=data_dir,
+                   background=True)
+  _wait_for_checkpoint(process, workdir, 8)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert not os.path.exists(os.path.join(workdir, "summary.json"))  # Really cut short.
+  result = launch(workdir, "tests/tiny_config.py:kind=clip", *LONG, data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resuming from" in result.stderr
+  assert _summary(workdir) == _summary(reference)
+  want, got = _last_losses(reference), _last_losses(workdir)
+  assert got.keys() == want.keys()
+  np.testing.assert_array_equal([got[s] for s in sorted(got)], [want[s] for s in sorted(want)])
+
+
+def test_sigterm_saves_a_checkpoint_and_resumes(data_dir, tmp_path, reference):
+  workdir = str(tmp_path)
+  process = launch(workdir, "tests/tiny_config.py:kind=clip", *LONG, data_dir=data_dir,
+                   background=True)
+  _wait_for_checkpoint(process, workdir, 4)
+  process.send_signal(signal.SIGTERM)
+  output = process.communicate(timeout=120)[0]
+  assert process.returncode == 143, output[-3000:]
+  assert "preempted: stopped by SIGTERM at step" in output
+  stopped_at = int(output.split("stopped by SIGTERM at step ")[1].split(";")[0])
+  assert 4 <= stopped_at < 120 and _checkpoint_steps(workdir)[-1] == stopped_at
+  result = launch(workdir, "tests/tiny_config.py:kind=clip", *LONG, data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert _summary(workdir) == _summary(reference)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_good_checkpoints(data_dir,
+                                                                         tmp_path):
+  workdir = str(tmp_path)
+  result = launch(workdir, "tests/tiny_config.py:kind=clip", "--config.optim.lr=1e30",
+                  "--config.optim.clip_norm=0", "--config.checkpoint_every=1",
+                  "--config.total_steps=50", data_dir=data_dir)
+  assert result.returncode == 2, result.stderr[-3000:]
+  error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(error) == 1 and " at step " in error[0], result.stderr[-3000:]
+  bad_step = int(error[0].split(" at step ")[1].split(";")[0])
+  steps = _checkpoint_steps(workdir)
+  assert steps and max(steps) < bad_step
+  losses = _last_losses(workdir)
+  assert all(np.isfinite(losses[s]) for s in losses if s < bad_step)
+
+
+def test_lit_locks_the_pretrained_image_tower(data_dir, tmp_path):
+  workdir = str(tmp_path)
+  result = launch(workdir, "tests/tiny_config.py:kind=lit", data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "heldout: top-1" in result.stdout
+  assert _summary(os.path.join(workdir, "image_tower"))["step"] == 12
+
+  def params(run):
+    path = os.path.join(run, "checkpoints", "12", "state")
+    return flatten(ocp.PyTreeCheckpointer().restore(path)["params"])
+
+  pretrained, lit = params(os.path.join(workdir, "image_tower")), params(workdir)
+  trunk = [k for k in lit if k.startswith("img/") and not k.startswith("img/head/")]
+  assert len(trunk) > 10
+  for key in trunk:  # Copied from the pretrained run and never changed.
+    assert np.asarray(lit[key]).tobytes() == np.asarray(pretrained[key]).tobytes(), key
+  assert lit["img/head/kernel"].shape != pretrained["img/head/kernel"].shape
+
+
+def test_mismatched_checkpoint_is_one_line(data_dir, tmp_path):
+  workdir = str(tmp_path)
+  assert launch(workdir, "tests/tiny_config.py:kind=clip", "--config.total_steps=4",
+                data_dir=data_dir).returncode == 0
+  result = launch(workdir, "tests/tiny_config.py:kind=clip", "--config.total_steps=8",
+                  "--config.model.out_dim=48", data_dir=data_dir)
+  assert result.returncode == 2
+  error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(error) == 1 and "does not match the config" in error[0]
+  assert "params/img/head/kernel: checkpoint (32, 32) float32 vs config (32, 48)" in error[0]
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--config.optim.lrr=1",), "error: unknown config field 'optim.lrr' (did you mean 'lr'?)"),
+    (("--config.input.dataset=no_such_set",), "error: unknown dataset 'no_such_set'"),
+    (("--config.evals.heldout.split=validation",), "has no split 'validation'"),
+])
+def test_bad_input_is_one_error_line(data_dir, tmp_path, args, message):
+  result = launch(str(tmp_path), "tests/tiny_config.py:kind=clip", *args, data_dir=data_dir)
+  assert result.returncode == 2
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr

@@ -1,0 +1,47 @@
+"""Two JAX processes on 127.0.0.1 (gloo collectives) train exactly like one process."""
+
+import socket
+
+import numpy as np
+
+from agriclip_jax import metrics as metrics_lib
+from conftest import launch
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _records(workdir):
+  train = {r["step"]: r for r in metrics_lib.read_jsonl(workdir) if "loss" in r}
+  evals = [r for r in metrics_lib.read_jsonl(workdir) if "heldout/top1" in r]
+  return train, evals[-1]
+
+
+def test_two_processes_match_one_process(data_dir, tmp_path):
+  port = _free_port()
+  two = str(tmp_path / "two")
+  coordinator = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  processes = [launch(two, "tests/tiny_config.py:kind=clip", *coordinator,
+                      f"--process_id={i}", data_dir=data_dir, devices=2, background=True)
+               for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
+  for p, out in zip(processes, outputs):
+    assert p.returncode == 0, out[-3000:]
+  assert "Process 1 of 2" in outputs[1]
+
+  one = str(tmp_path / "one")
+  result = launch(one, "tests/tiny_config.py:kind=clip", data_dir=data_dir, devices=4)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  train_two, eval_two = _records(two)
+  train_one, eval_one = _records(one)
+  assert sorted(train_two) == sorted(train_one) == [2, 4, 6, 8, 10, 12]
+  for step in train_one:
+    np.testing.assert_allclose(train_two[step]["loss"], train_one[step]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(train_two[step]["logit_scale"], train_one[step]["logit_scale"],
+                               rtol=1e-5)
+  for key in ("heldout/top1", "heldout/top5", "test/top1", "heldout/num_examples"):
+    assert eval_two[key] == eval_one[key], key

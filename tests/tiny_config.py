@@ -1,0 +1,41 @@
+"""Tiny versions of the demo configs, for tests: seconds of training on agri_synthetic/small.
+
+  python launch.py --config tests/tiny_config.py:kind=clip --workdir /tmp/tiny
+"""
+
+from agriclip_jax import config_lib
+from configs import alive_clip
+from configs import alive_lit
+from configs import image_pretrain
+
+TOWER = dict(width=32, depth=1, mlp_dim=64, num_heads=2)
+
+
+def get_config(arg=None):
+  options = config_lib.parse_arg(arg, kind="clip", steps=12)
+  if options.kind == "clip":
+    config = alive_clip.get_config("demo")
+  elif options.kind == "lit":
+    config = alive_lit.get_config("demo")
+    config.init.config = "tests/tiny_config.py:kind=pretrain"
+  elif options.kind == "pretrain":
+    config = image_pretrain.get_config("demo")
+  else:
+    raise config_lib.ConfigError(f"unknown kind {options.kind!r}")
+  config.input.dataset = "agri_synthetic/small"
+  config.input.image_size = 32
+  config.input.batch_size = 16
+  config.input.num_threads = 2
+  config.eval_batch_size = 32
+  config.model.img.update(TOWER, patch_size=8)
+  if "txt" in config.model:
+    config.model.txt.update(TOWER)
+    config.model.out_dim = 32
+    config.tokenizer.vocab_size = 300
+    config.tokenizer.max_len = 16
+  config.optim.warmup_steps = 2
+  config.total_steps = options.steps
+  config.log_every = 2
+  config.eval_every = options.steps
+  config.checkpoint_every = 4
+  return config
