@@ -8,7 +8,7 @@ any other field, with its dotted name, before anything is built or compiled.
 
 import difflib
 import os
-from typing import Any, Iterable
+from typing import Iterable
 
 import ml_collections
 

@@ -82,7 +82,8 @@ def schedule(config, total_steps: int) -> Callable[[Any], Any]:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
-def _group(config, lr_schedule, rule: dict, decay_regex: re.Pattern) -> optax.GradientTransformation:
+def _group(config, lr_schedule, rule: dict,
+           decay_regex: re.Pattern) -> optax.GradientTransformation:
   lr_mult, wd_mult = rule.get("lr_mult", 1.0), rule.get("wd_mult", 1.0)
   scaled_lr = lambda step: lr_schedule(step) * lr_mult
   decay_mask = lambda tree: jax.tree_util.tree_map_with_path(

@@ -34,8 +34,9 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> Mesh:
       raise config_lib.ConfigError(f"mesh {axes} cannot split {len(devices)} devices")
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
-    raise config_lib.ConfigError(f"mesh {dict(zip(names, sizes))} needs {int(np.prod(sizes))} devices; "
-                     f"there are {len(devices)}")
+    raise config_lib.ConfigError(
+        f"mesh {dict(zip(names, sizes))} needs {int(np.prod(sizes))} devices; there are "
+        f"{len(devices)}")
   return Mesh(mesh_utils.create_device_mesh(sizes, devices=devices,
                                             allow_split_physical_axes=True), names)
 
@@ -56,8 +57,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_size_per_shard(mesh: Mesh, global_batch: int) -> int:
   shards = int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
   if global_batch % shards:
-    raise config_lib.ConfigError(f"batch size {global_batch} is not divisible by the {shards} batch "
-                     f"shards of mesh {dict(mesh.shape)}")
+    raise config_lib.ConfigError(
+        f"batch size {global_batch} is not divisible by the {shards} batch shards of mesh "
+        f"{dict(mesh.shape)}")
   return global_batch // shards
 
 
@@ -80,7 +82,8 @@ def _spec(strategy, shape, mesh: Mesh, min_size: int) -> P:
     return _fsdp_spec(shape, mesh, min_size)
   if isinstance(strategy, (tuple, list)):
     if len(strategy) != len(shape):
-      raise config_lib.ConfigError(f"sharding spec {strategy} does not fit an array of shape {shape}")
+      raise config_lib.ConfigError(
+          f"sharding spec {strategy} does not fit an array of shape {shape}")
     return P(*strategy)
   raise config_lib.ConfigError(f"unknown sharding strategy {strategy!r}")
 
@@ -94,7 +97,8 @@ def param_shardings(mesh: Mesh, params_shape, rules, min_size: int = 2**14):
     for regex, strategy in compiled:
       if regex.fullmatch(name):
         return NamedSharding(mesh, _spec(strategy, leaf.shape, mesh, min_size))
-    raise config_lib.ConfigError(f"parameter {name} is covered by no sharding rule (config.sharding_rules)")
+    raise config_lib.ConfigError(
+        f"parameter {name} is covered by no sharding rule (config.sharding_rules)")
 
   return jax.tree_util.tree_map_with_path(one, params_shape)
 

@@ -87,7 +87,8 @@ def test_load_params_copies_selected_parameters_from_another_run(tmp_path):
                              abstract=checkpointing.abstract(target, shardings), labels={})
   config = ml_collections.ConfigDict(dict(workdir="{workdir}/pretrain", params="img/.*",
                                           skip="img/head"))
-  loaded = state_lib.load_params(config, target, spec, str(tmp_path))
+  loaded, paths = state_lib.load_params(config, target, spec, str(tmp_path))
+  assert paths == {"img/kernel"}
   np.testing.assert_array_equal(loaded["params"]["img"]["kernel"],
                                 source["params"]["img"]["kernel"])
   np.testing.assert_array_equal(loaded["params"]["img"]["head"], np.zeros(2))  # skipped

@@ -146,3 +146,12 @@ def test_eval_batches_cover_every_example_once(n, batch, rows):
       assert len(local["label"]) == process.size
       seen += list(local["label"][local["mask"]])
   assert sorted(seen) == list(range(n))
+
+
+def test_corrupt_image_in_the_pipeline_names_the_example():
+  source, tok = _source(4), _tokenizer()
+  source[2] = dict(source[2], image=b"garbage", id=b"train-002")
+  iterator = pipeline.train_iterator(source, _transform(tok), pipeline.Rows(0, 4, 4), seed=0,
+                                     num_threads=1)
+  with pytest.raises(preprocess.CorruptImageError, match="example train-002: cannot decode"):
+    next(iterator)

@@ -77,8 +77,9 @@ class Evaluator:
     return self.context.encode_images(params, images)[:, self.class_ids]
 
   def _transform(self, example):
-    return {"image": preprocess.eval_image(example[self.config.image_key],
-                                           self.context.image_size),
+    size = self.context.image_size
+    return {"image": pipeline.image_of(example, self.config.image_key,
+                                       lambda data: preprocess.eval_image(data, size)),
             "label": np.int32(example[self.config.label_key])}
 
   def run(self, params) -> dict[str, float]:

@@ -85,7 +85,3 @@ def data_source(b, split: str):
   return b.as_data_source(split=split, decoders={
       k: tfds.decode.SkipDecoding() for k in image_features})
 
-
-def dataset_dir(b) -> str:
-  """Directory of the prepared dataset, where derived files (tokenizers) are kept."""
-  return os.fspath(b.data_dir)

@@ -76,13 +76,23 @@ class TrainTransform:
   flip: bool = True
 
   def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    out = {"image": preprocess.train_image(example[self.image_key], self.image_size, rng,
-                                           scale=self.crop_scale, flip=self.flip)}
+    out = {"image": image_of(example, self.image_key, lambda data: preprocess.train_image(
+        data, self.image_size, rng, scale=self.crop_scale, flip=self.flip))}
     if self.tokenize is not None:
       out["text"] = self.tokenize([pick_text(example[self.text_key], rng)])[0]
     if self.label_key is not None:
       out["label"] = np.int32(example[self.label_key])
     return out
+
+
+def image_of(example: dict[str, Any], key: str, decode: Callable[[bytes], np.ndarray]):
+  """`decode(example[key])`; a corrupt image's error names the example."""
+  try:
+    return decode(example[key])
+  except preprocess.CorruptImageError as e:
+    name = example.get("id", "(no id)")
+    name = name.decode() if isinstance(name, bytes) else name
+    raise preprocess.CorruptImageError(f"example {name}: {e}") from None
 
 
 def pick_text(value, rng: np.random.Generator | None = None) -> str:

@@ -26,7 +26,8 @@ class Tokenizer:
   def __init__(self, tokenizer: tokenizers.Tokenizer, max_len: int, eot_id: int,
                sot_id: int | None = None):
     if eot_id == 0:
-      raise config_lib.ConfigError("the tokenizer's end-of-text id is 0, which is reserved for padding")
+      raise config_lib.ConfigError(
+          "the tokenizer's end-of-text id is 0, which is reserved for padding")
     if max_len < 2 + (sot_id is not None):
       raise config_lib.ConfigError(f"max_len={max_len} leaves no room for text")
     self.tokenizer = tokenizer

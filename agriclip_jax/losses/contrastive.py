@@ -40,8 +40,8 @@ def softmax_loss(zimg, ztxt, scale, bias=None):
 def sigmoid_loss(zimg, ztxt, scale, bias):
   """SigLIP: every (image, text) pair is a binary problem; summed per image, mean over images."""
   if bias is None:
-    raise config_lib.ConfigError("the sigmoid loss needs a learned bias (set model.logit_bias_init, "
-                     "e.g. -10)")
+    raise config_lib.ConfigError(
+        "the sigmoid loss needs a learned bias (set model.logit_bias_init, e.g. -10)")
   logits = _logits(zimg, ztxt, scale, bias)
   labels = 2 * jnp.eye(logits.shape[0], dtype=logits.dtype) - 1
   loss = -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / logits.shape[0]
@@ -53,5 +53,6 @@ LOSSES = {"softmax": softmax_loss, "sigmoid": sigmoid_loss}
 
 def get(name: str):
   if name not in LOSSES:
-    raise config_lib.ConfigError(f"unknown contrastive loss {name!r}; expected one of {list(LOSSES)}")
+    raise config_lib.ConfigError(
+        f"unknown contrastive loss {name!r}; expected one of {list(LOSSES)}")
   return LOSSES[name]

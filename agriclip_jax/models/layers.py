@@ -21,7 +21,8 @@ SIZES = {
 
 def size(name: str) -> dict[str, int]:
   if name not in SIZES:
-    raise config_lib.ConfigError(f"unknown transformer size {name!r}; expected one of {list(SIZES)}")
+    raise config_lib.ConfigError(
+        f"unknown transformer size {name!r}; expected one of {list(SIZES)}")
   width, depth, mlp_dim, num_heads = SIZES[name]
   return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
 

@@ -8,7 +8,6 @@ import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -96,12 +95,10 @@ def make(config, vocab_size: int | None = None) -> Model:
   img_dim = img["num_classes"] or img["width"]
   txt_dim = txt["num_classes"] or txt["width"]
   if img_dim != txt_dim:
-    raise config_lib.ConfigError(f"image embeddings ({img_dim}) and text embeddings ({txt_dim}) differ in "
-                     "width; give the towers heads (model.img.head / model.txt.head)")
+    raise config_lib.ConfigError(
+        f"image embeddings ({img_dim}) and text embeddings ({txt_dim}) differ in width; give "
+        "the towers heads (model.img.head / model.txt.head)")
   return Model(image=img, text=txt, logit_scale_init=config.logit_scale_init,
                logit_bias_init=config.get("logit_bias_init"),
                max_logit_scale=config.get("max_logit_scale", 100.0))
 
-
-def param_count(params) -> int:
-  return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))

@@ -1,11 +1,11 @@
 """What every trainer shares: base config fields, mesh + data + writer setup, and the run."""
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable
 
 from absl import logging
+import flax
 import jax
 import ml_collections
 import numpy as np
@@ -20,7 +20,6 @@ from agriclip_jax.input import datasets
 from agriclip_jax.input import pipeline
 from agriclip_jax.input import preprocess
 from agriclip_jax.input import tokenizer as tokenizer_lib
-from agriclip_jax.models import two_towers
 from agriclip_jax.trainers import loop as loop_lib
 from agriclip_jax.trainers import state as state_lib
 
@@ -137,6 +136,7 @@ class Setup:
     builder = datasets.builder(config.input.dataset, config.input.data_dir or None)
     source = datasets.data_source(builder, config.input.split)
     writer = metrics_lib.Writer(workdir)
+    writer.hparams(flax.traverse_util.flatten_dict(config.to_dict(), sep="."))
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=1))
@@ -178,7 +178,7 @@ class Setup:
         config=config, workdir=self.workdir, spec=spec, train_step=step_fn,
         train_iter=train_iter, batch_sharding=self.batch_sharding,
         evaluators=evaluators.build(config.evals, context, config.eval_every),
-        writer=self.writer, samples_per_step=config.input.batch_size)
+        writer=self.writer)
     try:
       return loop.run()
     finally:

@@ -12,6 +12,7 @@
 """
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ import numpy as np
 from agriclip_jax import checkpointing
 from agriclip_jax import config_lib
 from agriclip_jax import metrics as metrics_lib
+from agriclip_jax import optim
 from agriclip_jax import sharding
 from agriclip_jax.trainers import state as state_lib
 
@@ -89,16 +91,22 @@ class Loop:
   batch_sharding: jax.sharding.NamedSharding
   evaluators: list  # [(name, every, evaluator)]
   writer: metrics_lib.Writer
-  samples_per_step: int
 
   def _restore_or_init(self, checkpoints: checkpointing.Checkpoints):
     latest = checkpoints.latest_step()
     if latest is not None:
       logging.info("Resuming from %s/%d", checkpoints.directory, latest)
       return checkpoints.restore(latest, self.spec.abstract, self.train_iter)
-    state = self.spec.init()
+    state, loaded = self.spec.init(), set()
     if self.config.init.get("workdir"):
-      state = state_lib.load_params(self.config.init, state, self.spec, self.workdir)
+      state, loaded = state_lib.load_params(self.config.init, state, self.spec, self.workdir)
+    frozen = [k for k, label in self.spec.labels.items()
+              if label == optim.FROZEN and k not in loaded]
+    if frozen:
+      raise config_lib.ConfigError(
+          f"{len(frozen)} frozen parameters (e.g. {frozen[0]}) would keep their random "
+          "initial values: load them with config.init (workdir / params) or unfreeze them "
+          "in config.optim.rules")
     return state
 
   def evaluate(self, state, step: int, due: Callable[[int], bool]) -> dict[str, float]:
@@ -140,7 +148,7 @@ class Loop:
         unchecked = [(step, step_metrics)]
         since_log.append(step_metrics)
         progress(step)
-        due = lambda every: config_lib.every(step, every, total)  # pylint: disable=cell-var-from-loop
+        due = functools.partial(config_lib.every, step, total=total)
         if due(config.log_every):
           self._check(unchecked)
           self._log(step, since_log)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from agriclip_jax import checkpointing
+from agriclip_jax import config_lib
 from agriclip_jax import optim
 from agriclip_jax import sharding
 from agriclip_jax.pytree import flatten, unflatten
@@ -60,13 +61,12 @@ def latest_step(directory: str) -> int | None:
 
 
 def load_params(init_config, state, spec: StateSpec, workdir: str):
-  """Overwrites parameters of `state` with those of another run's latest checkpoint.
+  """(state with parameters from another run's latest checkpoint, the paths copied).
 
   `init_config.workdir` is the other run's workdir; `params` / `skip` are regexes over
   parameter paths that select what is copied. Every selected parameter must exist in this
   model with the same shape.
   """
-  from agriclip_jax import config_lib  # pylint: disable=g-import-not-at-top
   source = os.path.join(config_lib.expand_path(init_config.workdir, workdir), "checkpoints")
   step = latest_step(source)
   if step is None:
@@ -93,4 +93,4 @@ def load_params(init_config, state, spec: StateSpec, workdir: str):
       item=item, restore_args=restore_args, partial_restore=True))
   loaded = flatten(loaded["params"])
   logging.info("Initialised %d of %d parameter arrays from %s", len(loaded), len(target), path)
-  return {**state, "params": unflatten({**flatten(state["params"]), **loaded})}
+  return {**state, "params": unflatten({**flatten(state["params"]), **loaded})}, set(loaded)

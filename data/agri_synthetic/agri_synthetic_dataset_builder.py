@@ -1,7 +1,6 @@
 """agri_synthetic: a procedural agriculture image-text dataset that needs no download.
 
-Build: `tfds build data/agri_synthetic --data_dir=DIR` (or let the pipeline build it on first
-use). Splits: `train` and `test` (the training classes), `heldout` (classes never seen in
+The pipeline builds it on first use (see `agriclip_jax/input/datasets.py`). Splits: `train` and `test` (the training classes), `heldout` (classes never seen in
 training, for zero-shot evaluation). See `spec.py` for what the classes are.
 """
 
