@@ -6,7 +6,9 @@ classes only) into <workdir>/image_tower:
 
   python launch.py --config configs/alive_lit.py:demo --workdir /tmp/lit_demo
 
-  reaches zero-shot top-1 of about RESULT_DEMO on the 12 held-out classes (chance 0.083).
+  reaches zero-shot top-1 0.792 on the 12 held-out classes (chance 0.083) and 0.819 on the
+  training classes' test images (chance 0.017): 152 s on 2 CPU cores, image-tower stage and
+  dataset build included (measured 2026-11-22; the run is deterministic).
 
 Full recipe (after preparing ALive; the image tower from a supervised or imported run):
 

@@ -6,7 +6,7 @@ classes stay unseen. The LiT demo runs it as its first stage (`config.init.confi
 
   python launch.py --config configs/image_pretrain.py:demo --workdir /tmp/image_pretrain
 
-  reaches test top-1 of about RESULT_DEMO over the 60 training classes (chance 0.017).
+  reaches test top-1 0.908 over the 60 training classes (chance 0.017) in 400 steps.
 
 Options: demo, img=<ViT variant>, batch=<global batch>, steps=<total steps>.
 """
