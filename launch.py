@@ -38,7 +38,7 @@ def parse_flags(argv):
   """absl flag parsing, but a bad --config.<field> is one line naming the field."""
   try:
     return flags.FLAGS(argv)
-  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
     from agriclip_jax import config_lib  # pylint: disable=g-import-not-at-top
     message = str(e).strip().splitlines()[-1]
     args = iter(argv[1:])

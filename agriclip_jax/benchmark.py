@@ -70,9 +70,7 @@ def time_mode(mode: str, batch_size: int, image_size: int, steps: int, warmup: i
   spec = state_lib.make_spec(model_init, tx, labels, mesh, [(".*", "fsdp")], seed=0)
   objective = contrastive.make_objective(model, "softmax", preprocess.normalize)
   batch_sharding = sharding.batch_sharding(mesh)
-  step = jax.jit(common.train_step(objective, tx, labels, lr),
-                 in_shardings=(spec.shardings, batch_sharding),
-                 out_shardings=(spec.shardings, sharding.replicated(mesh)), donate_argnums=0)
+  step = common.jit_train_step(objective, tx, lr, spec, mesh)
   rng = np.random.default_rng(0)
   batch = sharding.global_batch({
       "image": rng.integers(0, 256, (batch_size, image_size, image_size, 3), np.uint8),

@@ -1,11 +1,14 @@
 """Orbax checkpoints holding the train state and the data iterator together.
 
 Each checkpoint is a step directory with two items: `state` (params, optimizer state, step,
-RNG; saved asynchronously, each process writing its shards) and `data` (each process's grain
-iterator position), so a resumed run continues with exactly the batch an uninterrupted run
-would have seen next.
+RNG; saved asynchronously, each process writing its shards) and `data` (the grain iterator's
+state, one file per process), so a resumed run continues with exactly the batch an
+uninterrupted run would have seen next. The training iterator's state is its global stream
+position (see `input/pipeline.py`), so a run may resume on another number of processes.
 """
 
+import dataclasses
+import json
 import os
 from typing import Any
 
@@ -21,6 +24,36 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint does not fit the model/optimizer the config describes."""
 
 
+class _DataHandler(grain.checkpoint.CheckpointHandler):
+  """Grain's handler; if this process layout wrote no file, restores from another process's.
+
+  Valid because every process's training-iterator state is the same global position.
+  """
+
+  def restore(self, directory, item=None, args=None):
+    item = item or args.item
+    index, count = jax.process_index(), jax.process_count()
+    if (directory / f"process_{index}-of-{count}.json").exists():
+      return super().restore(directory, item=item, args=args)
+    written = sorted(directory.glob("process_*-of-*.json"))
+    if not written:
+      raise CheckpointMismatchError(f"{directory} holds no data-iterator state")
+    item.set_state(json.loads(written[0].read_text()))
+    return item
+
+
+@ocp.args.register_with_handler(_DataHandler, for_save=True)
+@dataclasses.dataclass
+class _DataSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(_DataHandler, for_restore=True)
+@dataclasses.dataclass
+class _DataRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
 class Checkpoints:
 
   def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
@@ -29,8 +62,7 @@ class Checkpoints:
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save),
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler()})
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": _DataHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -38,7 +70,7 @@ class Checkpoints:
   def save(self, step: int, state, data_iterator=None) -> None:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+      items["data"] = _DataSave(data_iterator)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, step: int, abstract_state, data_iterator=None):
@@ -46,7 +78,7 @@ class Checkpoints:
     self.check_compatible(step, abstract_state)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      items["data"] = _DataRestore(data_iterator)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
   def check_compatible(self, step: int, abstract_state) -> None:

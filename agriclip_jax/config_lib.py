@@ -8,6 +8,7 @@ any other field, with its dotted name, before anything is built or compiled.
 
 import difflib
 import os
+import re
 from typing import Iterable
 
 import ml_collections
@@ -80,6 +81,16 @@ def check_keys(given, allowed: Iterable[str], where: str) -> None:
                         f"{_did_you_mean(key, allowed)}")
 
 
+def compile_regex(pattern: str, where: str) -> re.Pattern:
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ConfigError(f"{where}: invalid regular expression {pattern!r} ({e})") from None
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def every(step: int, period: int | None, total: int | None = None) -> bool:
   """Whether periodic work with this period is due at `step` (always at the last step)."""
   if total is not None and step == total:
@@ -98,6 +109,8 @@ def load(config_spec: str) -> ml_collections.ConfigDict:
   """"configs/x.py:demo,img=B/16" -> the ConfigDict that file's get_config returns."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   path, _, arg = config_spec.partition(":")
+  if not os.path.exists(path) and os.path.exists(os.path.join(REPO_ROOT, path)):
+    path = os.path.join(REPO_ROOT, path)  # Configs name each other relative to the repo.
   if not os.path.exists(path):
     raise ConfigError(f"config file {path} does not exist")
   spec = importlib.util.spec_from_file_location(

@@ -1,7 +1,8 @@
 """Multi-process start-up on JAX's own runtime (`jax.distributed`).
 
-A run is multi-process when the launcher is given a coordinator address, or when SLURM
-started several tasks of it (JAX then reads SLURM's variables itself).
+A run is multi-process when the launcher is given a coordinator address, or when `srun`
+started several tasks of it (JAX then reads SLURM's variables itself). A plain `python
+launch.py` inside an sbatch script is one process, whatever the allocation.
 """
 
 import os
@@ -13,7 +14,8 @@ from agriclip_jax import config_lib
 
 
 def slurm_tasks() -> int:
-  return int(os.environ.get("SLURM_NTASKS", "1")) if "SLURM_JOB_ID" in os.environ else 1
+  """Tasks of the current `srun` job step (only srun sets SLURM_STEP_NUM_TASKS > 1)."""
+  return int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) if "SLURM_JOB_ID" in os.environ else 1
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -5,8 +5,9 @@ from agriclip_jax.config_lib import ConfigError
 from agriclip_jax.input.datasets import DatasetError
 from agriclip_jax.input.preprocess import CorruptImageError
 from agriclip_jax.trainers.loop import NonFiniteError, Preempted
+from data.builder_utils import InputError
 
 USER_ERRORS = (CheckpointMismatchError, ConfigError, CorruptImageError, DatasetError,
-               NonFiniteError, FileNotFoundError)
+               InputError, NonFiniteError, FileNotFoundError)
 
 __all__ = ["USER_ERRORS", "Preempted"]

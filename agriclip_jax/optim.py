@@ -9,6 +9,7 @@ Weight decay applies only to parameters whose path matches `optim.decay_regex` (
 default), scaled by the rule's `wd_mult`.
 """
 
+import json
 import re
 from typing import Any, Callable
 
@@ -27,7 +28,7 @@ class OptimConfigError(config_lib.ConfigError):
 
 
 def param_labels(params, rules) -> dict[str, str]:
-  """path -> FROZEN or the index (as a string) of the first rule matching it."""
+  """path -> FROZEN, or the first matching rule as JSON (equal rules share one group)."""
   compiled = []
   for i, (pattern, rule) in enumerate(rules):
     if rule is not None:
@@ -35,12 +36,13 @@ def param_labels(params, rules) -> dict[str, str]:
       if unknown:
         raise OptimConfigError(f"optim.rules[{i}] ({pattern!r}) has unknown keys "
                                f"{sorted(unknown)}; allowed: {sorted(_RULE_KEYS)}")
-    compiled.append((re.compile(pattern), rule, str(i)))
+    label = FROZEN if rule is None else json.dumps(dict(rule), sort_keys=True)
+    compiled.append((config_lib.compile_regex(pattern, f"optim.rules[{i}]"), label))
   labels = {}
   for path in flatten(params):
-    for regex, rule, label in compiled:
+    for regex, label in compiled:
       if regex.fullmatch(path):
-        labels[path] = FROZEN if rule is None else label
+        labels[path] = label
         break
     else:
       raise OptimConfigError(f"parameter {path} is covered by no optim.rules entry; add a "
@@ -93,8 +95,11 @@ def _group(config, lr_schedule, rule: dict,
     return optax.adamw(scaled_lr, b1=config.b1, b2=config.b2, eps=config.eps,
                        weight_decay=weight_decay, mask=decay_mask)
   if config.name == "adafactor":
-    return optax.adafactor(scaled_lr, weight_decay_rate=weight_decay or None,
-                           weight_decay_mask=decay_mask)
+    # Factored second moments with update clipping; decay is decoupled and scaled by the
+    # learning rate exactly as in AdamW, so weight_decay means the same for both.
+    return optax.chain(optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0),
+                       optax.add_decayed_weights(weight_decay, decay_mask),
+                       optax.scale_by_learning_rate(scaled_lr))
   raise OptimConfigError(f"unknown optim.name {config.name!r}; expected adamw or adafactor")
 
 
@@ -105,8 +110,8 @@ def make(config, params, total_steps: int):
   if not jax.tree.leaves(trainable):
     raise OptimConfigError("optim.rules freeze every parameter; nothing would train")
   lr_schedule = schedule(config, total_steps)
-  decay_regex = re.compile(config.decay_regex)
-  groups = {label: _group(config, lr_schedule, dict(config.rules[int(label)][1]), decay_regex)
+  decay_regex = config_lib.compile_regex(config.decay_regex, "optim.decay_regex")
+  groups = {label: _group(config, lr_schedule, json.loads(label), decay_regex)
             for label in sorted(set(labels.values()) - {FROZEN})}
   if len(groups) == 1:
     tx = next(iter(groups.values()))

@@ -8,7 +8,6 @@ elements) or an explicit tuple of axis names / None per dimension. Optimizer sta
 parameter it belongs to.
 """
 
-import re
 from typing import Any, Sequence
 
 import jax
@@ -90,7 +89,8 @@ def _spec(strategy, shape, mesh: Mesh, min_size: int) -> P:
 
 def param_shardings(mesh: Mesh, params_shape, rules, min_size: int = 2**14):
   """NamedSharding per parameter from the first rule whose regex fullmatches its path."""
-  compiled = [(re.compile(pattern), strategy) for pattern, strategy in rules]
+  compiled = [(config_lib.compile_regex(pattern, "config.sharding_rules"), strategy)
+              for pattern, strategy in rules]
 
   def one(path, leaf):
     name = path_str(path)

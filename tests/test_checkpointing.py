@@ -99,3 +99,29 @@ def test_load_params_copies_selected_parameters_from_another_run(tmp_path):
   spec.abstract = checkpointing.abstract(target, shardings)
   with pytest.raises(checkpointing.CheckpointMismatchError, match=r"txt/bias: \(3,\)"):
     state_lib.load_params(config, target, spec, str(tmp_path))
+
+
+def test_data_state_restores_when_the_process_count_changed(tmp_path):
+  """Every process's training-iterator state is the same global position, so a checkpoint
+  written by another number of processes still resumes the data exactly."""
+  from agriclip_jax.input import pipeline  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh([("data", 8)])
+  state, _ = _state(sharding.make_mesh([("data", 2), ("fsdp", 4)]))
+  del mesh
+  transform = lambda example, rng: {"x": np.int32(example)}
+  make = lambda: pipeline.train_iterator([(list(range(50)), transform, 1.0)],
+                                         pipeline.Rows(0, 4, 4), seed=0, num_threads=1)
+  iterator = make()
+  for _ in range(3):
+    next(iterator)
+  checkpoints = checkpointing.Checkpoints(str(tmp_path))
+  checkpoints.save(3, state, iterator)
+  checkpoints.wait()
+  expected = next(iterator)["x"]
+  data_dir = tmp_path / "3" / "data"
+  (data_dir / "process_0-of-1.json").rename(data_dir / "process_1-of-2.json")
+  resumed = make()
+  restored = checkpointing.Checkpoints(str(tmp_path)).restore(
+      3, checkpointing.abstract(state, jax.tree.map(lambda x: x.sharding, state)), resumed)
+  assert int(restored["step"]) == 7
+  np.testing.assert_array_equal(next(resumed)["x"], expected)

@@ -100,7 +100,8 @@ def test_manual_dataset_not_prepared_says_how_to_prepare(tmp_path, monkeypatch):
   (package / "__init__.py").write_text(MANUAL_BUILDER)
   monkeypatch.syspath_prepend(str(tmp_path))
   __import__("manual_pkg")
-  with pytest.raises(datasets.DatasetError, match=r"not prepared .*tfds build data/manual_only "
-                                                  r"--manual_dir="):
+  with pytest.raises(datasets.DatasetError, match=r"not prepared .*agriclip_jax.input.prepare "
+                                                  r"manual_only --manual_dir=.*tfds build "
+                                                  r"data/manual_only --manual_dir="):
     datasets.builder("manual_only", str(tmp_path / "tfds"))
   assert not (tmp_path / "tfds" / "manual_only").exists()

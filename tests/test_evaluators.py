@@ -6,6 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from agriclip_jax import config_lib
 from agriclip_jax import sharding
 from agriclip_jax.evaluators import base
 from agriclip_jax.evaluators import classification
@@ -42,7 +43,7 @@ def test_counts_match_numpy_with_ties_masks_and_empty_classes():
 
 def _context(mesh, encode_images, encode_texts=None, tokenizer=None, batch_size=32):
   return base.Context(mesh=mesh, params_sharding=sharding.replicated(mesh),
-                      encode_images=encode_images, encode_texts=encode_texts,
+                      params_abstract={}, encode_images=encode_images, encode_texts=encode_texts,
                       tokenizer=tokenizer, dataset="agri_synthetic/small", data_dir=None,
                       image_size=16, batch_size=batch_size)
 
@@ -93,8 +94,8 @@ def test_zero_shot_class_embeddings_average_normalised_prompts(data_dir):
   config = ml_collections.ConfigDict(dict(zeroshot.default_config(), split="heldout",
                                           classes=["red spotted leaf", "green plain fish"],
                                           templates=["a {}.", "a photo of the {}!"]))
-  with pytest.raises(Exception, match="not among the evaluated classes"):
-    evaluator = zeroshot.Evaluator("zs", config, context)
+  evaluator = zeroshot.Evaluator("zs", config, context)
+  with pytest.raises(config_lib.ConfigError, match="not among the evaluated classes"):
     evaluator.run({})  # heldout has other classes too
   got = np.asarray(evaluator.prepare({}))
   for row, name in zip(got, ["red spotted leaf", "green plain fish"]):
@@ -103,3 +104,21 @@ def test_zero_shot_class_embeddings_average_normalised_prompts(data_dir):
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     want = vectors.mean(0) / np.linalg.norm(vectors.mean(0))
     np.testing.assert_allclose(row, want, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluator_and_model_mismatches_are_config_errors(data_dir):
+  mesh = sharding.make_mesh([("data", 8)])
+  embeddings = lambda params, images: jnp.zeros((images.shape[0], 32))  # An image tower.
+  context = _context(mesh, embeddings)
+  context.data_dir = data_dir
+  config = ml_collections.ConfigDict(dict(classification.default_config(), split="heldout"))
+  with pytest.raises(config_lib.ConfigError, match=r"gives 32 values per image, not one per "
+                                                   r"class of .*\(72\)"):
+    classification.Evaluator("heldout", config, context)
+  with pytest.raises(config_lib.ConfigError, match="needs a text tower"):
+    zeroshot.Evaluator("heldout", ml_collections.ConfigDict(zeroshot.default_config()),
+                       context)
+  config.classes = "bogus"
+  context.encode_images = mean_colour_scores
+  with pytest.raises(config_lib.ConfigError, match="must be 'all', 'present' or a list"):
+    classification.Evaluator("heldout", config, context)

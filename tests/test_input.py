@@ -103,14 +103,17 @@ def _take(iterator, n):
   return [next(iterator) for _ in range(n)]
 
 
+def _iterator(source, transform, rows, seed=3, weights=None):
+  components = [(source, transform, 1.0)] if weights is None else [
+      (s, transform, w) for s, w in zip(source, weights)]
+  return pipeline.train_iterator(components, rows, seed=seed, num_threads=2)
+
+
 def test_two_processes_read_disjoint_halves_of_the_same_global_batches():
   source, tok = _source(), _tokenizer()
-  whole = _take(pipeline.train_iterator(source, _transform(tok), pipeline.Rows(0, 8, 8),
-                                        seed=3, num_threads=2), 6)
-  first = _take(pipeline.train_iterator(source, _transform(tok), pipeline.Rows(0, 4, 8),
-                                        seed=3, num_threads=2), 6)
-  second = _take(pipeline.train_iterator(source, _transform(tok), pipeline.Rows(4, 8, 8),
-                                         seed=3, num_threads=2), 6)
+  whole = _take(_iterator(source, _transform(tok), pipeline.Rows(0, 8, 8)), 6)
+  first = _take(_iterator(source, _transform(tok), pipeline.Rows(0, 4, 8)), 6)
+  second = _take(_iterator(source, _transform(tok), pipeline.Rows(4, 8, 8)), 6)
   for w, a, b in zip(whole, first, second):
     for key in ("image", "text", "label"):
       np.testing.assert_array_equal(w[key], np.concatenate([a[key], b[key]]))
@@ -119,16 +122,70 @@ def test_two_processes_read_disjoint_halves_of_the_same_global_batches():
   assert sorted(labels[:20]) == list(range(20))
 
 
+def test_state_is_the_global_position_and_resumes_on_another_layout():
+  source, tok = _source(), _tokenizer()
+  reference = _take(_iterator(source, _transform(tok), pipeline.Rows(0, 8, 8)), 7)
+  one_process = _iterator(source, _transform(tok), pipeline.Rows(0, 8, 8))
+  _take(one_process, 3)
+  state = one_process.get_state()
+  assert state == {"global_position": 24}
+  # The same state resumes two processes holding half of each global batch...
+  halves = []
+  for rows in (pipeline.Rows(0, 4, 8), pipeline.Rows(4, 8, 8)):
+    resumed = _iterator(source, _transform(tok), rows)
+    resumed.set_state(state)
+    halves.append(_take(resumed, 4))
+  for want, a, b in zip(reference[3:], *halves):
+    for key in want:
+      np.testing.assert_array_equal(want[key], np.concatenate([a[key], b[key]]))
+  # ...and a run with batch 4 continues with the very next examples.
+  small = _iterator(source, _transform(tok), pipeline.Rows(0, 4, 4))
+  small.set_state(state)
+  np.testing.assert_array_equal(np.concatenate([b["label"] for b in _take(small, 2)]),
+                                reference[3]["label"])
+
+
+def test_mixture_samples_by_weight_deterministically():
+  sources = [_source(10), [dict(e, label=100 + e["label"]) for e in _source(10)]]
+  tok = _tokenizer()
+  batches = _take(_iterator(sources, _transform(tok), pipeline.Rows(0, 8, 8),
+                            weights=[3.0, 1.0]), 50)
+  labels = np.concatenate([b["label"] for b in batches])
+  assert abs(np.mean(labels >= 100) - 0.25) < 0.02
+  again = _take(_iterator(sources, _transform(tok), pipeline.Rows(0, 8, 8),
+                          weights=[3.0, 1.0]), 50)
+  np.testing.assert_array_equal(labels, np.concatenate([b["label"] for b in again]))
+
+
+def test_text_choice_per_step_and_per_example_and_nested_keys():
+  source = [{"image": _image_bytes(12, 12, seed=i)[0], "label": i,
+             "texts": {"a": f"alpha {i}", "b": f"beta {i}", "c": f"gamma {i}"}}
+            for i in range(4)]
+  tok = tokenizer_lib.from_trained(tokenizer_lib.train_bpe(
+      [t for e in source for t in e["texts"].values()], 200), 12)
+
+  def texts(choice, key, epochs=6):
+    transform = pipeline.TrainTransform(image_size=8, tokenize=tok.encode, text_key=key,
+                                        text_choice=choice, label_key="label")
+    out = {}
+    for batch in _take(_iterator(source, transform, pipeline.Rows(0, 4, 4)), epochs):
+      for label, row in zip(batch["label"], batch["text"]):
+        out.setdefault(int(label), set()).add(tok.decode(row).strip())
+    return out
+
+  assert all(len(v) > 1 for v in texts("step", "texts").values())  # Varies per step...
+  assert all(len(v) == 1 for v in texts("example", "texts").values())  # ...or fixed.
+  assert texts("step", "texts/b") == {i: {f"beta {i}"} for i in range(4)}
+
+
 def test_iterator_state_resumes_with_the_exact_next_batch():
   source, tok = _source(), _tokenizer()
-  make = lambda: pipeline.train_iterator(source, _transform(tok), pipeline.Rows(0, 4, 4),
-                                         seed=1, num_threads=2)
+  make = lambda: _iterator(source, _transform(tok), pipeline.Rows(0, 4, 4), seed=1)
   reference = _take(make(), 7)
   iterator = make()
   _take(iterator, 3)
-  state = iterator.get_state()
   resumed = make()
-  resumed.set_state(state)
+  resumed.set_state(iterator.get_state())
   for want, got in zip(reference[3:], _take(resumed, 4)):
     for key in want:
       np.testing.assert_array_equal(want[key], got[key])
@@ -151,7 +208,6 @@ def test_eval_batches_cover_every_example_once(n, batch, rows):
 def test_corrupt_image_in_the_pipeline_names_the_example():
   source, tok = _source(4), _tokenizer()
   source[2] = dict(source[2], image=b"garbage", id=b"train-002")
-  iterator = pipeline.train_iterator(source, _transform(tok), pipeline.Rows(0, 4, 4), seed=0,
-                                     num_threads=1)
+  iterator = _iterator(source, _transform(tok), pipeline.Rows(0, 4, 4), seed=0)
   with pytest.raises(preprocess.CorruptImageError, match="example train-002: cannot decode"):
     next(iterator)

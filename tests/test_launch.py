@@ -161,6 +161,11 @@ def test_mismatched_checkpoint_is_one_line(data_dir, tmp_path):
     (("--config.optim.lrr=1",), "error: unknown config field 'optim.lrr' (did you mean 'lr'?)"),
     (("--config.input.dataset=no_such_set",), "error: unknown dataset 'no_such_set'"),
     (("--config.evals.heldout.split=validation",), "has no split 'validation'"),
+    (("--config.input.batch_size=0",), "config.input.batch_size must be at least 1"),
+    (("--config.optim.decay_regex=(",), "optim.decay_regex: invalid regular expression"),
+    (("--config.input.text_key=caption",), "input.text_key='caption': agri_synthetic/small"),
+    (("--config.input.image_size=36",), "image size 36x36 is not a multiple of the ViT patch"),
+    (("--config.evals.heldout.type=classification",), "gives 32 values per image"),
 ])
 def test_bad_input_is_one_error_line(data_dir, tmp_path, args, message):
   result = launch(str(tmp_path), "tests/tiny_config.py:kind=clip", *args, data_dir=data_dir)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from agriclip_jax import optim
@@ -23,7 +24,7 @@ def _params():
 
 def _config(**kw):
   config = common.base_config().optim
-  config.update(lr=0.1, warmup_steps=0, weight_decay=0.5, **kw)
+  config.update(dict(dict(lr=0.1, warmup_steps=0, weight_decay=0.5), **kw))
   return config
 
 
@@ -86,9 +87,10 @@ def test_unknown_rule_key_and_all_frozen_are_errors():
     optim.make(_config(rules=[(".*", None)]), _params(), total_steps=10)
 
 
-def test_weight_decay_only_where_decay_regex_matches():
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_weight_decay_only_where_decay_regex_matches(name):
   params = _params()
-  tx, labels, _ = optim.make(_config(rules=[(".*", {})], clip_norm=0.0), params, 10)
+  tx, labels, _ = optim.make(_config(name=name, rules=[(".*", {})], clip_norm=0.0), params, 10)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
   for path, update in flatten(updates).items():
@@ -115,7 +117,35 @@ def test_schedules_warm_up_then_follow_their_shape(name):
     np.testing.assert_allclose(fn(60), 0.55, rtol=1e-5)
 
 
-def test_global_norm_clipping_sees_only_trainable_gradients():
-  _, _, _, lit_metrics = _run(LIT_RULES, steps=1)
-  _, _, _, all_metrics = _run([(".*", {})], steps=1)
-  assert float(lit_metrics["grad_norm"]) < float(all_metrics["grad_norm"])
+def test_clipping_and_grad_norm_use_the_trainable_gradients_only():
+  params = _params()
+  labels = optim.param_labels(params, LIT_RULES)
+  trainable, frozen = optim.split(params, labels)
+  batch = jnp.asarray(np.random.default_rng(1).normal(size=(4, 4)), jnp.float32)
+  grads = jax.grad(lambda t: _objective(optim.merge(t, frozen), batch, None)[0])(trainable)
+  norm = float(optax.tree.norm(grads))
+  _, _, _, metrics = _run(LIT_RULES, steps=1)
+  np.testing.assert_allclose(metrics["grad_norm"], norm, rtol=1e-5)
+  # With a huge eps, Adam's first update is -lr * g / eps: the clipped gradient, scaled.
+  config = _config(rules=LIT_RULES, clip_norm=0.5 * norm, eps=1e6, weight_decay=0.0)
+  tx, _, _ = optim.make(config, params, total_steps=10)
+  updates, _ = tx.update(grads, tx.init(trainable), trainable)
+  np.testing.assert_allclose(float(optax.tree.norm(updates)) * 1e6 / 0.1, 0.5 * norm,
+                             rtol=1e-3)
+
+
+def test_adafactor_trains_and_keeps_factored_state():
+  rules = [(".*", {})]
+  _, state, _, first = _run(rules, steps=1)
+  params = _params()
+  tx, labels, lr = optim.make(_config(name="adafactor", rules=rules), params, total_steps=10)
+  state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params),
+           "rng": jax.random.key_data(jax.random.key(0))}
+  step = jax.jit(common.train_step(_objective, tx, labels, lr))
+  batch = jnp.asarray(np.random.default_rng(1).normal(size=(4, 4)), jnp.float32)
+  losses = []
+  for _ in range(20):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < 0.5 * losses[0]
+  np.testing.assert_allclose(losses[0], first["loss"], rtol=1e-6)  # Same objective.

@@ -30,6 +30,7 @@ class Context:
   """Everything an evaluator may use; the trainer fills it in."""
   mesh: jax.sharding.Mesh
   params_sharding: Any
+  params_abstract: Any  # ShapeDtypeStructs of the parameters (for shape checks).
   # (params, uint8 images [b, s, s, 3]) -> normalised image embeddings [b, d]; traceable.
   encode_images: Callable[[Any, jax.Array], jax.Array]
   # (params, int32 tokens [b, l]) -> normalised text embeddings [b, d]; traceable.
@@ -39,6 +40,7 @@ class Context:
   data_dir: str | None
   image_size: int
   batch_size: int
+  num_threads: int = 8
 
 
 def _module(type_name: str):

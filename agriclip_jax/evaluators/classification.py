@@ -51,10 +51,25 @@ class Evaluator:
     self.batch_sharding = sharding.batch_sharding(context.mesh)
     sharding.batch_size_per_shard(context.mesh, self.batch_size)
     self.rows = pipeline.rows_of_process(self.batch_sharding, self.batch_size)
+    self.check_model(len(all_names))
     logging.info("%s: %d examples of %s/%s, %d classes", name, len(self.source),
                  self.builder.info.full_name, config.split, len(self.class_names))
 
+  def check_model(self, num_dataset_classes: int) -> None:
+    """A classifier must output one score per class of the dataset."""
+    images = jax.ShapeDtypeStruct((1, self.context.image_size, self.context.image_size, 3),
+                                  np.uint8)
+    out = jax.eval_shape(self.context.encode_images, self.context.params_abstract, images)
+    if out.shape[-1] != num_dataset_classes:
+      raise config_lib.ConfigError(
+          f"evals.{self.name}: the model gives {out.shape[-1]} values per image, not one per "
+          f"class of {self.builder.info.full_name} ({num_dataset_classes}); an image-text "
+          "model is evaluated with type='zeroshot'")
+
   def _select_classes(self, classes, all_names: list[str]) -> list[str]:
+    if isinstance(classes, str) and classes not in ("all", "present"):
+      raise config_lib.ConfigError(f"evals.{self.name}.classes must be 'all', 'present' or a "
+                                   f"list of class names; got {classes!r}")
     if classes == "all":
       return all_names
     if classes == "present":
@@ -85,7 +100,8 @@ class Evaluator:
   def run(self, params) -> dict[str, float]:
     prepared = self.prepare(params)
     totals = None
-    for local in pipeline.eval_batches(self.source, self._transform, self.rows):
+    for local in pipeline.eval_batches(self.source, self._transform, self.rows,
+                                       self.context.num_threads):
       labels = self.label_map[local["label"]]
       if np.any((labels < 0) & local["mask"]):
         missing = sorted({int(l) for l, m in zip(local["label"], labels) if m < 0})

@@ -10,6 +10,7 @@ import functools
 import jax
 import numpy as np
 
+from agriclip_jax import config_lib
 from agriclip_jax import sharding
 from agriclip_jax.evaluators import classification
 from agriclip_jax.input import pipeline
@@ -21,20 +22,38 @@ def default_config() -> dict:
   return dict(
       classification.default_config(),
       templates=None,  # None = the dataset's metadata, else DEFAULT_TEMPLATES
+      # "" = prompt with the label names; else the dataset metadata's class_texts[kind]
+      # (e.g. "lit_species" for iNaturalist: "<common name> <supercategory> <genus>").
+      class_texts="",
   )
 
 
 class Evaluator(classification.Evaluator):
 
   def __init__(self, name: str, config, context):
+    if context.encode_texts is None or context.tokenizer is None:
+      raise config_lib.ConfigError(f"evals.{name}: zero-shot evaluation needs a text tower; "
+                                   "this trainer's model has none (use type='classification')")
     super().__init__(name, config, context)
     metadata = self.builder.info.metadata or {}
     self.templates = tuple(config.templates or metadata.get("prompt_templates")
                            or DEFAULT_TEMPLATES)
+    self.prompt_names = self.class_names
+    if config.class_texts:
+      kinds = metadata.get("class_texts") or {}
+      if config.class_texts not in kinds:
+        raise config_lib.ConfigError(
+            f"evals.{name}.class_texts={config.class_texts!r}: {self.builder.info.full_name} "
+            f"has class texts {sorted(kinds)}")
+      texts = kinds[config.class_texts]
+      self.prompt_names = [texts[i] for i in self.class_ids]
+
+  def check_model(self, num_dataset_classes: int) -> None:
+    del num_dataset_classes  # Any embedding width works: classes come from text.
 
   def prepare(self, params) -> jax.Array:
     """[classes, d] class embeddings: renormalised mean over templates, replicated."""
-    texts = [t.format(c) for c in self.class_names for t in self.templates]
+    texts = [t.format(c) for c in self.prompt_names for t in self.templates]
     tokens = self.context.tokenizer.encode(texts)
     embeddings = embed_texts(self.context, params, tokens, self.batch_size)
     embeddings /= np.linalg.norm(embeddings, axis=-1, keepdims=True)

@@ -37,7 +37,7 @@ def _register(name: str) -> None:
 
 
 @contextlib.contextmanager
-def _file_lock(path: str):
+def file_lock(path: str):
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
@@ -47,8 +47,13 @@ def _file_lock(path: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def builder(name: str, data_dir: str | None = None, prepare: bool = True):
-  """The TFDS builder for `name`, built first if it can be built without user files."""
+def builder(name: str, data_dir: str | None = None, prepare: bool = True,
+            must_exist: bool = True):
+  """The TFDS builder for `name`, built first if it can be built without user files.
+
+  `prepare=False` never builds; `must_exist=False` returns an unprepared builder instead of
+  raising (for the prepare command).
+  """
   data_dir = default_data_dir(data_dir)
   _register(name)
   try:
@@ -56,16 +61,17 @@ def builder(name: str, data_dir: str | None = None, prepare: bool = True):
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DatasetError(f"unknown dataset {name!r}: no builder in data/ and none in TFDS "
                        f"({str(e).splitlines()[0]})") from None
-  if b.is_prepared():
+  if b.is_prepared() or not must_exist:
     return b
   if not prepare:
     raise DatasetError(f"dataset {name!r} is not prepared in {data_dir}")
   if getattr(b, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
     raise DatasetError(
         f"dataset {name!r} is not prepared in {data_dir}. Prepare it from your copy of the "
-        f"raw files with: tfds build data/{name.split('/')[0].split(':')[0]} "
-        f"--manual_dir=RAW_DIR --data_dir={data_dir}")
-  with _file_lock(os.path.join(data_dir, f".{b.name}.lock")):
+        f"raw files with: python -m agriclip_jax.input.prepare {name} --manual_dir=RAW_DIR "
+        f"--data_dir={data_dir} (or: tfds build data/{name.split('/')[0].split(':')[0]} "
+        f"--manual_dir=RAW_DIR --data_dir={data_dir})")
+  with file_lock(os.path.join(data_dir, f".{b.name}.lock")):
     b = tfds.builder(name, data_dir=data_dir)  # Another process may have built it meanwhile.
     if not b.is_prepared():
       logging.info("Building dataset %s into %s (once) ...", name, data_dir)

@@ -3,13 +3,16 @@
 Both are defined over the *global* batch: global batch b holds positions [b*G, (b+1)*G) of one
 global example stream, and each process reads only the rows of it that its devices hold
 (`rows_of_process`). Augmentation randomness is drawn per global position, so the numbers a
-run sees do not depend on how many processes or devices share the batch.
+run sees do not depend on how many processes or devices share the batch. The training
+iterator's checkpointed state is its global position, so a run resumes with exactly the next
+examples even on another number of processes or with another batch size.
 """
 
 import dataclasses
 import math
 import sys
-from typing import Any, Callable
+import zlib
+from typing import Any, Callable, Sequence
 
 import grain
 import jax
@@ -42,21 +45,21 @@ def rows_of_process(sharding: jax.sharding.Sharding, global_size: int) -> Rows:
 
 
 class _RowsOfGlobalBatches(grain.MapDataset):
-  """Element j of this process = position (j // n) * G + start + j % n of the global stream."""
+  """Element j of this process = global position offset + (j // n) * G + start + j % n."""
 
-  def __init__(self, parent: grain.MapDataset, rows: Rows):
+  def __init__(self, parent: grain.MapDataset, rows: Rows, offset: int = 0):
     super().__init__(parent)
-    self._rows = rows
+    self._rows, self._offset = rows, offset
     parent_len = len(parent)
     self._length = (sys.maxsize if parent_len >= sys.maxsize
-                    else parent_len // rows.global_size * rows.size)
+                    else (parent_len - offset) // rows.global_size * rows.size)
 
   def __len__(self) -> int:
     return self._length
 
   def _global_position(self, index: int) -> int:
     batch, row = divmod(index, self._rows.size)
-    return batch * self._rows.global_size + self._rows.start + row
+    return self._offset + batch * self._rows.global_size + self._rows.start + row
 
   def __getitem__(self, index):
     if isinstance(index, slice):
@@ -66,11 +69,17 @@ class _RowsOfGlobalBatches(grain.MapDataset):
 
 @dataclasses.dataclass(frozen=True)
 class TrainTransform:
-  """Decode + random resized crop + flip; one caption (drawn per step) tokenized; the label."""
+  """Decode + random resized crop + flip; one caption tokenized; the label.
+
+  `text_key` names a text feature: a string, a list of captions, or a dict of text variants
+  (nested keys as "texts/common"). From a list or dict one text is drawn per step
+  (`text_choice="step"`) or fixed per example (`"example"`, keyed by the image bytes).
+  """
   image_size: int
   tokenize: Callable[[list[str]], np.ndarray] | None = None  # None: no text.
   image_key: str = "image"
   text_key: str = "captions"
+  text_choice: str = "step"
   label_key: str | None = None  # None: no label.
   crop_scale: tuple[float, float] = (0.5, 1.0)
   flip: bool = True
@@ -79,10 +88,21 @@ class TrainTransform:
     out = {"image": image_of(example, self.image_key, lambda data: preprocess.train_image(
         data, self.image_size, rng, scale=self.crop_scale, flip=self.flip))}
     if self.tokenize is not None:
-      out["text"] = self.tokenize([pick_text(example[self.text_key], rng)])[0]
+      text_rng = rng
+      if self.text_choice == "example":
+        text_rng = np.random.default_rng(zlib.crc32(example[self.image_key]))
+      out["text"] = self.tokenize([pick_text(feature(example, self.text_key), text_rng)])[0]
     if self.label_key is not None:
-      out["label"] = np.int32(example[self.label_key])
+      out["label"] = np.int32(feature(example, self.label_key))
     return out
+
+
+def feature(example: dict[str, Any], key: str):
+  """example["a"]["b"] for key "a/b"."""
+  value = example
+  for part in key.split("/"):
+    value = value[part]
+  return value
 
 
 def image_of(example: dict[str, Any], key: str, decode: Callable[[bytes], np.ndarray]):
@@ -90,13 +110,16 @@ def image_of(example: dict[str, Any], key: str, decode: Callable[[bytes], np.nda
   try:
     return decode(example[key])
   except preprocess.CorruptImageError as e:
-    name = example.get("id", "(no id)")
+    name = example.get("id", example.get("image_path", example.get("file_name", "(no id)")))
     name = name.decode() if isinstance(name, bytes) else name
     raise preprocess.CorruptImageError(f"example {name}: {e}") from None
 
 
 def pick_text(value, rng: np.random.Generator | None = None) -> str:
-  """A caption from a text feature: a string, or one of a list (random, else the first)."""
+  """A text from a text feature: a string, or one of a list / dict of texts (random, else the
+  first)."""
+  if isinstance(value, dict):
+    value = [value[k] for k in sorted(value)]
   if isinstance(value, (list, tuple, np.ndarray)):
     if not len(value):
       raise ValueError("example has an empty caption list")
@@ -104,18 +127,65 @@ def pick_text(value, rng: np.random.Generator | None = None) -> str:
   return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def train_iterator(source, transform: TrainTransform, rows: Rows, seed: int,
-                   num_threads: int = 8, worker_count: int = 0):
-  """An endless, checkpointable iterator of this process's rows of each global batch."""
-  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-  ds = ds.random_map(transform)  # Seeded by global position: independent of process count.
-  ds = _RowsOfGlobalBatches(ds, rows)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                            prefetch_buffer_size=2 * rows.size))
-  ds = ds.batch(rows.size, drop_remainder=True)
-  if worker_count:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  return iter(ds)
+class GlobalPositionIterator(grain.DatasetIterator):
+  """This process's rows of successive global batches; checkpointable.
+
+  Its state is the global stream position (examples consumed by all processes together), the
+  same on every process: any process's checkpoint resumes any layout of processes and batch
+  sizes at exactly the next example.
+  """
+
+  def __init__(self, build: Callable[[int], Any], global_size: int):
+    super().__init__()
+    self._build, self._global_size = build, global_size
+    self._position, self._iterator = 0, None
+
+  def __next__(self):
+    if self._iterator is None:
+      self._iterator = self._build(self._position)
+    batch = next(self._iterator)
+    self._position += self._global_size
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {"global_position": self._position}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.close()
+    self._position = int(state["global_position"])
+
+  def close(self) -> None:
+    if self._iterator is not None and hasattr(self._iterator, "close"):
+      self._iterator.close()
+    self._iterator = None
+
+
+def train_iterator(components: Sequence[tuple[Any, Callable, float]], rows: Rows, seed: int,
+                   num_threads: int = 8, worker_count: int = 0) -> GlobalPositionIterator:
+  """An endless, checkpointable iterator over a weighted mixture of (source, transform, weight).
+
+  Each component is shuffled (afresh every epoch) and augmented with randomness drawn per
+  position; with several, they are interleaved deterministically in proportion to the weights.
+  """
+  streams = []
+  for i, (source, transform, _) in enumerate(components):
+    ds = grain.MapDataset.source(source).seed(seed + 1000 * i).shuffle().repeat()
+    streams.append(ds.random_map(transform))  # Seeded by position: process-count free.
+  if len(streams) == 1:
+    mixed = streams[0]
+  else:
+    mixed = grain.MapDataset.mix(streams, [float(w) for _, _, w in components])
+
+  def build(position: int):
+    ds = _RowsOfGlobalBatches(mixed, rows, offset=position)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                              prefetch_buffer_size=2 * rows.size))
+    ds = ds.batch(rows.size, drop_remainder=True)
+    if worker_count:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(ds)
+
+  return GlobalPositionIterator(build, rows.global_size)
 
 
 class _Padded:

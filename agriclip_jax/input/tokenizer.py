@@ -16,6 +16,7 @@ import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from agriclip_jax import config_lib
+from agriclip_jax.input import pipeline
 
 PAD, EOT, SOT = "<pad>", "<eot>", "<sot>"
 
@@ -103,15 +104,18 @@ def _special_tokens_from_config(path: str) -> dict:
   return out
 
 
-def trained_on_dataset(source, directory: str, vocab_size: int, max_len: int,
-                       text_key: str, max_examples: int = 200_000) -> Tokenizer:
-  """A BPE trained on a split's captions, saved in (and reloaded from) `directory`."""
-  path = os.path.join(directory, f"tokenizer_bpe{vocab_size}_{text_key}.json")
+def trained_on_captions(sources, path: str, vocab_size: int, max_len: int,
+                        max_examples: int = 200_000) -> Tokenizer:
+  """A BPE trained on the texts of [(source, text_key)], saved at (and reloaded from) `path`.
+
+  Up to `max_examples` examples in all are read, spread evenly over each source.
+  """
   if not os.path.exists(path):
-    n = min(len(source), max_examples)
-    logging.info("Training a %d-token BPE on %d examples' %r -> %s", vocab_size, n,
-                 text_key, path)
-    tok = train_bpe(_texts(source, n, text_key), vocab_size)
+    per_source = max(1, max_examples // len(sources))
+    logging.info("Training a %d-token BPE on up to %d examples' texts -> %s", vocab_size,
+                 per_source * len(sources), path)
+    texts = (text for source, key in sources for text in _texts(source, per_source, key))
+    tok = train_bpe(texts, vocab_size)
     tmp = f"{path}.tmp{os.getpid()}"
     tok.save(tmp)
     os.replace(tmp, path)  # Atomic: concurrent processes never read half a file.
@@ -119,8 +123,12 @@ def trained_on_dataset(source, directory: str, vocab_size: int, max_len: int,
 
 
 def _texts(source, n: int, text_key: str):
-  step = max(1, len(source) // n)  # An even spread over the split, deterministically.
+  """Every text of `n` examples spread over `source` (lists and dicts of texts expanded)."""
+  n = min(n, len(source))
+  step = max(1, len(source) // n)
   for i in range(0, step * n, step):
-    value = source[i][text_key]
+    value = pipeline.feature(source[i], text_key)
+    if isinstance(value, dict):
+      value = list(value.values())
     for text in (value if isinstance(value, (list, tuple, np.ndarray)) else [value]):
       yield text.decode() if isinstance(text, bytes) else str(text)

@@ -44,6 +44,10 @@ class Model(nn.Module):
 
   @nn.compact
   def __call__(self, image, train: bool = False):
+    height, width = image.shape[1:3]
+    if self.patch_size < 1 or height % self.patch_size or width % self.patch_size:
+      raise config_lib.ConfigError(f"image size {height}x{width} is not a multiple of the "
+                                   f"ViT patch size {self.patch_size}")
     out = {}
     x = nn.Conv(self.width, (self.patch_size, self.patch_size),
                 strides=(self.patch_size, self.patch_size), padding="VALID",

@@ -1,6 +1,8 @@
 """What every trainer shares: base config fields, mesh + data + writer setup, and the run."""
 
 import dataclasses
+import hashlib
+import json
 import os
 from typing import Any, Callable
 
@@ -23,6 +25,12 @@ from agriclip_jax.input import tokenizer as tokenizer_lib
 from agriclip_jax.trainers import loop as loop_lib
 from agriclip_jax.trainers import state as state_lib
 
+# Per-dataset fields of config.input; each entry of config.input.mixture may set them.
+COMPONENT_FIELDS = ("dataset", "split", "weight", "image_key", "text_key", "text_choice",
+                    "label_key")
+# Fields a config.init stage inherits from the run that needs it (same data, same devices).
+INHERITED_BY_INIT_STAGE = (("input", "data_dir"), ("mesh",), ("input", "num_threads"))
+
 
 def base_config() -> ml_collections.ConfigDict:
   """Fields every trainer reads, with defaults."""
@@ -40,12 +48,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.input = dict(
       dataset="agri_synthetic",
       split="train",
+      weight=1.0,
       data_dir="",  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
       batch_size=256,  # Global: split over all devices of all processes.
       image_size=224,
       image_key="image",
-      text_key="captions",
+      text_key="captions",  # A feature, or a nested one: "texts/lit_species".
+      text_choice="step",  # From a list/dict of texts: one per step, or one per "example".
       label_key="label",
+      # [dict(dataset=..., weight=..., ...)]: train on several datasets, sampled by weight;
+      # each entry may set the fields of COMPONENT_FIELDS, the rest come from above.
+      mixture=[],
       crop_scale=(0.5, 1.0),
       flip=True,
       mean=preprocess.CLIP_MEAN,
@@ -68,6 +81,53 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def check_values(config) -> None:
+  """Values that would otherwise fail deep inside a library."""
+  positive = {"total_steps": config.total_steps, "input.batch_size": config.input.batch_size,
+              "input.image_size": config.input.image_size,
+              "keep_checkpoints": config.keep_checkpoints}
+  non_negative = {"log_every": config.log_every, "eval_every": config.eval_every,
+                  "checkpoint_every": config.checkpoint_every,
+                  "eval_batch_size": config.eval_batch_size,
+                  "input.num_threads": config.input.num_threads,
+                  "input.worker_count": config.input.worker_count}
+  for name, value in positive.items():
+    if value < 1:
+      raise config_lib.ConfigError(f"config.{name} must be at least 1; got {value}")
+  for name, value in non_negative.items():
+    if value < 0:
+      raise config_lib.ConfigError(f"config.{name} must not be negative; got {value}")
+  if config.input.text_choice not in ("step", "example"):
+    raise config_lib.ConfigError("config.input.text_choice must be 'step' or 'example'; got "
+                                 f"{config.input.text_choice!r}")
+
+
+def components(input_config) -> list[dict[str, Any]]:
+  """The training datasets: input.mixture's entries completed from input, else input."""
+  base = {k: input_config[k] for k in COMPONENT_FIELDS}
+  if not input_config.mixture:
+    return [base]
+  out = []
+  for i, entry in enumerate(input_config.mixture):
+    entry = dict(entry)
+    config_lib.check_keys(entry, COMPONENT_FIELDS, f"input.mixture[{i}]")
+    if float(entry.get("weight", 1.0)) <= 0:
+      raise config_lib.ConfigError(f"input.mixture[{i}].weight must be positive")
+    out.append({**base, **entry})
+  return out
+
+
+def check_feature(builder, key: str, where: str) -> None:
+  """ConfigError unless the dataset has feature `key` ("a/b" for nested features)."""
+  features = builder.info.features
+  for part in key.split("/"):
+    if not hasattr(features, "keys") or part not in features.keys():
+      raise config_lib.ConfigError(
+          f"{where}={key!r}: {builder.info.full_name} has no such feature (it has "
+          f"{sorted(builder.info.features.keys())})")
+    features = features[part]
+
+
 def finished(config, workdir: str) -> dict[str, Any] | None:
   summary = loop_lib.finished_summary(workdir, config.total_steps)
   if summary is not None:
@@ -76,13 +136,24 @@ def finished(config, workdir: str) -> dict[str, Any] | None:
 
 
 def run_init_stage(config, workdir: str) -> None:
-  """Trains the run `config.init` copies from, if this run has not started and it is needed."""
+  """Trains the run `config.init` copies from, if this run has not started and it is needed.
+
+  The stage uses its own config, but inherits the data directory, mesh and input threads of
+  this run (INHERITED_BY_INIT_STAGE), so command-line choices about where and how to run
+  apply to it too.
+  """
   if not config.init.config or state_lib.latest_step(os.path.join(workdir, "checkpoints")):
     return
   from agriclip_jax import trainers  # pylint: disable=g-import-not-at-top  (cycle)
   stage_workdir = config_lib.expand_path(config.init.workdir, workdir)
+  stage = config_lib.load(config.init.config)
+  for path in INHERITED_BY_INIT_STAGE:
+    source, target = config, stage
+    for key in path[:-1]:
+      source, target = source[key], target[key]
+    target[path[-1]] = source[path[-1]]
   logging.info("Preparing config.init: %s -> %s", config.init.config, stage_workdir)
-  trainers.run(config_lib.load(config.init.config), stage_workdir)
+  trainers.run(stage, stage_workdir)
 
 
 def train_step(objective: Callable, tx, labels: dict[str, str], lr_schedule: Callable):
@@ -108,13 +179,30 @@ def train_step(objective: Callable, tx, labels: dict[str, str], lr_schedule: Cal
   return step
 
 
-def make_tokenizer(config, builder, source) -> tokenizer_lib.Tokenizer:
+def jit_train_step(objective: Callable, tx, lr_schedule: Callable, spec: state_lib.StateSpec,
+                   mesh: jax.sharding.Mesh):
+  """The jitted, sharded step: state donated, batch split over the batch axes."""
+  return jax.jit(train_step(objective, tx, spec.labels, lr_schedule),
+                 in_shardings=(spec.shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(spec.shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def make_tokenizer(config, sources) -> tokenizer_lib.Tokenizer:
+  """A pretrained tokenizer, or a BPE trained on the captions of `sources` (and cached).
+
+  `sources` is [(builder, source, component)]; the BPE is saved beside the first dataset
+  under a name that identifies what it was trained on.
+  """
   if config.tokenizer.path:
     return tokenizer_lib.from_pretrained(os.path.expanduser(config.tokenizer.path),
                                          config.tokenizer.max_len)
-  return tokenizer_lib.trained_on_dataset(
-      source, os.fspath(builder.data_dir), config.tokenizer.vocab_size,
-      config.tokenizer.max_len, config.input.text_key, config.tokenizer.max_examples)
+  key = json.dumps([[b.info.full_name, c["split"], c["text_key"]] for b, _, c in sources]
+                   + [config.tokenizer.vocab_size, config.tokenizer.max_examples])
+  digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+  return tokenizer_lib.trained_on_captions(
+      [(source, c["text_key"]) for _, source, c in sources],
+      os.path.join(os.fspath(sources[0][0].data_dir), f"tokenizer_bpe_{digest}.json"),
+      config.tokenizer.vocab_size, config.tokenizer.max_len, config.tokenizer.max_examples)
 
 
 @dataclasses.dataclass
@@ -124,25 +212,36 @@ class Setup:
   workdir: str
   mesh: jax.sharding.Mesh
   batch_sharding: jax.sharding.NamedSharding
-  train_builder: Any
-  train_source: Any
+  sources: list  # [(builder, random-access source, component dict)], one per dataset.
   writer: metrics_lib.Writer
 
+  @property
+  def train_builder(self):
+    return self.sources[0][0]
+
   @classmethod
-  def create(cls, config, workdir: str) -> "Setup":
+  def create(cls, config, workdir: str, feature_keys=("image_key",)) -> "Setup":
+    """`feature_keys` are the component fields naming features the trainer reads."""
+    check_values(config)
     run_init_stage(config, workdir)
     mesh = sharding.make_mesh(config.mesh)
     sharding.batch_size_per_shard(mesh, config.input.batch_size)
-    builder = datasets.builder(config.input.dataset, config.input.data_dir or None)
-    source = datasets.data_source(builder, config.input.split)
+    sources = []
+    for component in components(config.input):
+      builder = datasets.builder(component["dataset"], config.input.data_dir or None)
+      for key in feature_keys:
+        check_feature(builder, component[key], f"input.{key}")
+      sources.append((builder, datasets.data_source(builder, component["split"]), component))
     writer = metrics_lib.Writer(workdir)
     writer.hparams(flax.traverse_util.flatten_dict(config.to_dict(), sep="."))
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=1))
-    logging.info("Mesh %s over %d devices in %d processes; %d training examples",
-                 dict(mesh.shape), jax.device_count(), jax.process_count(), len(source))
-    return cls(config, workdir, mesh, sharding.batch_sharding(mesh), builder, source, writer)
+    logging.info("Mesh %s over %d devices in %d processes; training on %s", dict(mesh.shape),
+                 jax.device_count(), jax.process_count(),
+                 ", ".join(f"{b.info.full_name}/{c['split']} ({len(s)} examples, weight "
+                           f"{c['weight']})" for b, s, c in sources))
+    return cls(config, workdir, mesh, sharding.batch_sharding(mesh), sources, writer)
 
   def state_spec(self, model_init: Callable[[jax.Array], Any]):
     """(StateSpec, optimizer, lr schedule) for a model, per `config.optim`."""
@@ -157,25 +256,28 @@ class Setup:
                  f"{sum(sizes.values()) - frozen:,}", f"{frozen:,}")
     return spec, tx, lr_schedule
 
-  def run(self, spec, objective, tx, lr_schedule, transform, encode_images,
-          encode_texts=None, tokenizer=None) -> dict[str, Any]:
-    """Compiles the step, builds the data iterator and evaluators, and runs the loop."""
-    config, replicated = self.config, sharding.replicated(self.mesh)
-    step = train_step(objective, tx, spec.labels, lr_schedule)
-    step_fn = jax.jit(step, in_shardings=(spec.shardings, self.batch_sharding),
-                      out_shardings=(spec.shardings, replicated), donate_argnums=0)
+  def run(self, spec, objective, tx, lr_schedule, make_transform: Callable[[dict], Any],
+          encode_images, encode_texts=None, tokenizer=None) -> dict[str, Any]:
+    """Compiles the step, builds the data iterator and evaluators, and runs the loop.
+
+    `make_transform(component)` is the per-example training transform of one dataset.
+    """
+    config = self.config
     rows = pipeline.rows_of_process(self.batch_sharding, config.input.batch_size)
     train_iter = pipeline.train_iterator(
-        self.train_source, transform, rows, config.seed, config.input.num_threads,
-        config.input.worker_count)
+        [(source, make_transform(c), c["weight"]) for _, source, c in self.sources], rows,
+        config.seed, config.input.num_threads, config.input.worker_count)
     context = evaluators.Context(
         mesh=self.mesh, params_sharding=spec.shardings["params"],
-        encode_images=encode_images, encode_texts=encode_texts, tokenizer=tokenizer,
-        dataset=config.input.dataset, data_dir=config.input.data_dir or None,
+        params_abstract=spec.abstract["params"], encode_images=encode_images,
+        encode_texts=encode_texts, tokenizer=tokenizer,
+        dataset=self.sources[0][2]["dataset"], data_dir=config.input.data_dir or None,
         image_size=config.input.image_size,
-        batch_size=config.eval_batch_size or config.input.batch_size)
+        batch_size=config.eval_batch_size or config.input.batch_size,
+        num_threads=config.input.num_threads)
     loop = loop_lib.Loop(
-        config=config, workdir=self.workdir, spec=spec, train_step=step_fn,
+        config=config, workdir=self.workdir, spec=spec,
+        train_step=jit_train_step(objective, tx, lr_schedule, spec, self.mesh),
         train_iter=train_iter, batch_sharding=self.batch_sharding,
         evaluators=evaluators.build(config.evals, context, config.eval_every),
         writer=self.writer)

@@ -65,8 +65,8 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   done = common.finished(config, workdir)
   if done is not None:
     return done
-  setup = common.Setup.create(config, workdir)
-  tokenizer = common.make_tokenizer(config, setup.train_builder, setup.train_source)
+  setup = common.Setup.create(config, workdir, feature_keys=("image_key", "text_key"))
+  tokenizer = common.make_tokenizer(config, setup.sources)
   model = two_towers.make(config.model, vocab_size=tokenizer.vocab_size)
   image_size, text_len = config.input.image_size, config.tokenizer.max_len
 
@@ -80,10 +80,11 @@ def train(config: ml_collections.ConfigDict, workdir: str):
                                 std=config.input.std)
   objective = make_objective(model, config.loss, normalize)
 
-  transform = pipeline.TrainTransform(
-      tokenize=tokenizer.encode, image_size=image_size, image_key=config.input.image_key,
-      text_key=config.input.text_key, crop_scale=tuple(config.input.crop_scale),
-      flip=config.input.flip)
+  def make_transform(component):
+    return pipeline.TrainTransform(
+        image_size=image_size, tokenize=tokenizer.encode, image_key=component["image_key"],
+        text_key=component["text_key"], text_choice=component["text_choice"],
+        crop_scale=tuple(config.input.crop_scale), flip=config.input.flip)
 
   def encode_images(params, images):
     return model.apply({"params": params}, normalize(images), None)[0]
@@ -91,5 +92,5 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   def encode_texts(params, tokens):
     return model.apply({"params": params}, None, tokens)[1]
 
-  return setup.run(spec, objective, tx, lr_schedule, transform, encode_images, encode_texts,
-                   tokenizer)
+  return setup.run(spec, objective, tx, lr_schedule, make_transform, encode_images,
+                   encode_texts, tokenizer)

@@ -125,9 +125,9 @@ class Loop:
         os.path.join(self.workdir, "checkpoints"), config.keep_checkpoints)
     state = self._restore_or_init(checkpoints)
     step = int(state["step"])
-    progress = periodic_actions.ReportProgress(num_train_steps=total,
-                                               writer=self.writer.clu, every_secs=None,
-                                               every_steps=config.log_every)
+    progress = periodic_actions.ReportProgress(
+        num_train_steps=total, writer=self.writer.clu, every_secs=None if config.log_every
+        else 60.0, every_steps=config.log_every or None)
     stop = _StopSignal()
     unchecked, since_log, last_eval = [], [], {}
     try:

@@ -6,7 +6,6 @@ parameters (see `optim.split`). `rng` holds raw uint32 key data so checkpoints s
 
 import dataclasses
 import os
-import re
 from typing import Any, Callable
 
 from absl import logging
@@ -37,8 +36,10 @@ def make_spec(model_init: Callable[[jax.Array], Any], tx, labels, mesh, rules, s
     rng = jax.random.key(seed)
     params = model_init(jax.random.fold_in(rng, 0))
     trainable, _ = optim.split(params, labels)
+    # Training draws fold_in(state rng, step): a stream apart from the initialisation's.
     return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": tx.init(trainable), "rng": jax.random.key_data(rng)}
+            "opt_state": tx.init(trainable),
+            "rng": jax.random.key_data(jax.random.fold_in(rng, 1))}
 
   shape = jax.eval_shape(init)
   params_sharding = sharding.param_shardings(mesh, shape["params"], rules, fsdp_min_size)
@@ -74,8 +75,9 @@ def load_params(init_config, state, spec: StateSpec, workdir: str):
   path = os.path.join(source, str(step), "state")
   checkpointer = ocp.PyTreeCheckpointer()
   stored = flatten(checkpointer.metadata(path).item_metadata.tree["params"])
-  select = re.compile(init_config.get("params") or ".*")
-  skip = re.compile(init_config.skip) if init_config.get("skip") else None
+  select = config_lib.compile_regex(init_config.get("params") or ".*", "config.init.params")
+  skip = (config_lib.compile_regex(init_config.skip, "config.init.skip")
+          if init_config.get("skip") else None)
   chosen = [k for k in stored if select.fullmatch(k) and not (skip and skip.fullmatch(k))]
   target = flatten(spec.abstract["params"])
   problems = [f"{k} is not in this model" for k in chosen if k not in target]

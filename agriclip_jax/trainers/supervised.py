@@ -10,6 +10,7 @@ import jax
 import ml_collections
 import optax
 
+from agriclip_jax import config_lib
 from agriclip_jax.input import pipeline
 from agriclip_jax.input import preprocess
 from agriclip_jax.models import classifier
@@ -31,7 +32,10 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   done = common.finished(config, workdir)
   if done is not None:
     return done
-  setup = common.Setup.create(config, workdir)
+  if config.input.mixture:
+    raise config_lib.ConfigError("the supervised trainer takes one dataset (input.dataset), "
+                                 "not input.mixture")
+  setup = common.Setup.create(config, workdir, feature_keys=("image_key", "label_key"))
   num_classes = setup.train_builder.info.features[config.input.label_key].num_classes
   model = classifier.make(config.model, num_classes)
   image_size = config.input.image_size
@@ -51,12 +55,13 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     loss = optax.softmax_cross_entropy(logits, targets).mean()
     return loss, {"accuracy": (logits.argmax(-1) == batch["label"]).mean()}
 
-  transform = pipeline.TrainTransform(
-      image_size=image_size, image_key=config.input.image_key,
-      label_key=config.input.label_key, crop_scale=tuple(config.input.crop_scale),
-      flip=config.input.flip)
+  def make_transform(component):
+    return pipeline.TrainTransform(
+        image_size=image_size, image_key=component["image_key"],
+        label_key=component["label_key"], crop_scale=tuple(config.input.crop_scale),
+        flip=config.input.flip)
 
   def encode_images(params, images):
     return model.apply({"params": params}, normalize(images))
 
-  return setup.run(spec, objective, tx, lr_schedule, transform, encode_images)
+  return setup.run(spec, objective, tx, lr_schedule, make_transform, encode_images)

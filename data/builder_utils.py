@@ -1,0 +1,257 @@
+"""Helpers shared by the project's TFDS builders.
+
+Checked image reading, a report of what a build skipped, deterministic hash splits, and
+readers for the user's tables and JSON files that fail with the file and line of the first
+problem. Builders import this module as `data.builder_utils` (inside the project) or as
+`builder_utils` (under `tfds build data/<name>`, which puts `data/` on sys.path).
+"""
+
+import collections
+import csv
+import hashlib
+import io
+import json
+import os
+from typing import Any, Iterator
+
+from PIL import Image
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+REPORT_NAME = "build_report.json"
+
+
+class InputError(ValueError):
+  """A malformed input file; the message names the file and line."""
+
+
+class BadImage(ValueError):
+  """Image bytes that do not decode."""
+
+
+def checked_image(data: bytes) -> bytes:
+  """`data` if it is a decodable JPEG or PNG; other formats re-encoded as PNG.
+
+  Decodes the whole image (JPEGs at 1/8 scale, which still reads every byte), so truncated
+  and corrupt files are caught at build time rather than during training.
+  """
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      kind = image.format
+      if kind == "JPEG":
+        image.draft("RGB", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
+      image.load()
+      if kind in ("JPEG", "PNG"):
+        return data
+      out = io.BytesIO()
+      image.convert("RGB").save(out, format="PNG")
+      return out.getvalue()
+  except Exception as e:  # PIL raises many types on bad data.
+    raise BadImage(f"{type(e).__name__}: {e}") from None
+
+
+def read_image(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return checked_image(f.read())
+
+
+def is_image(name: str) -> bool:
+  return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def walk_images(root: str) -> Iterator[str]:
+  """Image paths under `root` relative to it, in a deterministic order, one folder at a time."""
+  stack = [""]
+  while stack:
+    relative = stack.pop()
+    entries = sorted(os.scandir(os.path.join(root, relative)), key=lambda e: e.name,
+                     reverse=True)
+    for entry in entries:
+      if entry.name.startswith("."):
+        continue
+      path = os.path.join(relative, entry.name)
+      if entry.is_dir():
+        stack.append(path)
+    for entry in reversed(entries):
+      if entry.is_file() and is_image(entry.name):
+        yield os.path.join(relative, entry.name)
+
+
+def split_of(key: str, holdout: str, fraction: float, default: str = "train") -> str:
+  """`holdout` for a stable pseudo-random `fraction` of keys, else `default`."""
+  digest = hashlib.sha1(key.encode("utf-8")).digest()
+  return holdout if int.from_bytes(digest[:8], "big") / 2**64 < fraction else default
+
+
+class Report:
+  """Counts and lists what a build skipped and why; written next to the prepared dataset."""
+
+  def __init__(self):
+    self.skipped = collections.defaultdict(list)  # reason -> [(split, item, detail)]
+    self.examples = collections.Counter()
+
+  def skip(self, split: str, reason: str, item: str, detail: str = "") -> None:
+    self.skipped[reason].append({"split": split, "item": item, "detail": detail})
+
+  def count(self, split: str) -> None:
+    self.examples[split] += 1
+
+  def summary(self) -> str:
+    kept = ", ".join(f"{n} {s}" for s, n in sorted(self.examples.items()))
+    skipped = ", ".join(f"{len(v)} {k}" for k, v in sorted(self.skipped.items()))
+    return f"kept {kept or 'nothing'}; skipped {skipped or 'nothing'}"
+
+  def write(self, directory: str) -> str:
+    path = os.path.join(directory, REPORT_NAME)
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump({"examples": dict(self.examples),
+                 "skipped": {k: {"count": len(v), "items": v}
+                             for k, v in sorted(self.skipped.items())}},
+                f, indent=1, ensure_ascii=False)
+    return path
+
+
+def load_json(path: str) -> Any:
+  """json.load that names the file, line and column of a syntax error."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise InputError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+  except UnicodeDecodeError as e:
+    raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_table(path: str, delimiter: str | None = None) -> Iterator[tuple[int, dict]]:
+  """(line number, row dict) for each row of a CSV (or, by suffix, TSV) file with a header.
+
+  A row with the wrong number of fields, or text that is not CSV, stops with file:line.
+  """
+  delimiter = delimiter or ("\t" if path.lower().endswith(".tsv") else ",")
+  with open(path, encoding="utf-8", newline="") as f:
+    reader = csv.reader(f, delimiter=delimiter)
+    try:
+      header = next(reader, None)
+      if not header:
+        raise InputError(f"{path}:1: empty table (a header row is needed)")
+      header = [h.strip() for h in header]
+      for row in reader:
+        if not row:
+          continue
+        if len(row) != len(header):
+          raise InputError(f"{path}:{reader.line_num}: {len(row)} fields, the header has "
+                           f"{len(header)}")
+        yield reader.line_num, dict(zip(header, row))
+    except csv.Error as e:
+      raise InputError(f"{path}:{reader.line_num}: malformed table: {e}") from None
+    except UnicodeDecodeError as e:
+      raise InputError(f"{path}:{reader.line_num + 1}: not UTF-8 text ({e.reason})") from None
+
+
+def table_header(path: str, delimiter: str | None = None) -> list[str]:
+  delimiter = delimiter or ("\t" if path.lower().endswith(".tsv") else ",")
+  with open(path, encoding="utf-8", newline="") as f:
+    return [h.strip() for h in next(csv.reader(f, delimiter=delimiter), [])]
+
+
+def stream_json_object(path: str, chunk_size: int = 1 << 20) -> Iterator[tuple[str, Any]]:
+  """Streams a JSON file whose top level is an object: yields (key, item) for every item of
+  an array value and (key, value) for any other value, holding one item in memory at a time.
+
+  This is how iNaturalist's multi-gigabyte annotation files are read. A syntax error stops
+  with the file, line and column, like `load_json`.
+  """
+  decoder = json.JSONDecoder()
+  with open(path, encoding="utf-8") as f:
+    reader = _JsonReader(f, path, chunk_size)
+    reader.expect("{")
+    if reader.peek() == "}":
+      return
+    while True:
+      key = reader.value(decoder)
+      if not isinstance(key, str):
+        reader.fail("expected a string key")
+      reader.expect(":")
+      if reader.peek() == "[":
+        reader.expect("[")
+        if reader.peek() == "]":
+          reader.expect("]")
+        else:
+          while True:
+            yield key, reader.value(decoder)
+            if reader.expect(",]") == "]":
+              break
+      else:
+        yield key, reader.value(decoder)
+      if reader.expect(",}") == "}":
+        break
+    if reader.peek() != "":
+      reader.fail("extra data after the top-level object")
+
+
+class _JsonReader:
+  """A buffered cursor over a text file that knows the line and column of any position."""
+
+  def __init__(self, f, path: str, chunk_size: int):
+    self.f, self.path, self.chunk_size = f, path, chunk_size
+    self.buffer, self.pos, self.eof = "", 0, False
+    self.base = 0  # Offset in the file of buffer[0]...
+    self.line, self.line_start = 1, 0  # ...its line number, and where that line starts.
+
+  def _fill(self) -> bool:
+    if self.eof:
+      return False
+    try:
+      chunk = self.f.read(self.chunk_size)
+    except UnicodeDecodeError as e:
+      raise InputError(f"{self.path}: not UTF-8 text ({e.reason})") from None
+    if not chunk:
+      self.eof = True
+      return False
+    dropped = self.buffer[:self.pos]
+    if "\n" in dropped:
+      self.line += dropped.count("\n")
+      self.line_start = self.base + dropped.rfind("\n") + 1
+    self.base += self.pos
+    self.buffer = self.buffer[self.pos:] + chunk
+    self.pos = 0
+    return True
+
+  def peek(self) -> str:
+    while True:
+      while self.pos < len(self.buffer) and self.buffer[self.pos] in " \t\r\n":
+        self.pos += 1
+      if self.pos < len(self.buffer) or not self._fill():
+        return self.buffer[self.pos:self.pos + 1]
+
+  def expect(self, options: str) -> str:
+    char = self.peek()
+    if not char or char not in options:
+      self.fail(f"expected {' or '.join(repr(c) for c in options)}, found "
+                f"{repr(char) if char else 'the end of the file'}")
+    self.pos += 1
+    return char
+
+  def value(self, decoder: json.JSONDecoder):
+    self.peek()
+    while True:
+      try:
+        value, end = decoder.raw_decode(self.buffer, self.pos)
+      except json.JSONDecodeError as e:
+        # An item cut by the chunk boundary: read more and retry; else a real error.
+        if self._fill():
+          continue
+        self.fail(e.msg, at=e.pos)
+      if end == len(self.buffer) and self._fill():
+        continue  # A number may continue in the next chunk.
+      self.pos = end
+      return value
+
+  def fail(self, message: str, at: int | None = None):
+    at = self.pos if at is None else at
+    before = self.buffer[:at]
+    line = self.line + before.count("\n")
+    if "\n" in before:
+      column = at - before.rfind("\n")
+    else:
+      column = self.base + at - self.line_start + 1
+    raise InputError(f"{self.path}:{line}:{column}: malformed JSON: {message}")
