@@ -96,16 +96,19 @@ class Checkpoints:
                       or np.dtype(stored[k].dtype) != np.dtype(wanted[k].dtype))]
     if problems:  # Parameters first: optimizer-state problems usually follow from them.
       problems.sort(key=lambda p: not p.startswith("params/"))
-      more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-      raise CheckpointMismatchError(
-          f"checkpoint {self.directory}/{step} does not match the config: "
-          + "; ".join(problems[:3]) + more)
+      raise mismatch(f"checkpoint {self.directory}/{step} does not match the config", problems)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.close()
+
+
+def mismatch(what: str, problems: list[str]) -> CheckpointMismatchError:
+  """One line: `what`, the first three problems and how many more there are."""
+  more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+  return CheckpointMismatchError(f"{what}: " + "; ".join(problems[:3]) + more)
 
 
 def abstract(tree: Any, shardings: Any):

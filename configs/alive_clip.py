@@ -13,15 +13,19 @@ Full recipe (ViT-B/16, after preparing ALive with TFDS, see README):
   python launch.py --config configs/alive_clip.py --workdir workdirs/alive_clip
 
 Options (after the colon, comma-separated): demo, img=<ViT variant>, txt=<text size>,
-batch=<global batch>, steps=<total steps>, loss=softmax|sigmoid.
+batch=<global batch>, steps=<total steps>, loss=softmax|sigmoid, inat=<weight of
+iNaturalist-2021 mixed into the training data, relative to ALive's 1; 0 = none>.
 """
 
 from agriclip_jax import config_lib
+from agriclip_jax.evaluators import base as evaluators
 from agriclip_jax.trainers import contrastive
+from configs import demo_common
 
 
 def get_config(arg=None):
   options = config_lib.parse_arg(arg, demo=False, img="B/16", txt="B", batch=0, steps=0,
+                                 inat=0.0,
                                  loss="softmax")
   config = contrastive.default_config()
   config.loss = options.loss
@@ -38,7 +42,9 @@ def get_config(arg=None):
     config.model.out_dim = 512
     config.model.logit_scale_init = 1 / 0.07
     config.optim.update(lr=5e-4, warmup_steps=1000, weight_decay=0.2, b2=0.98, eps=1e-6)
-    config.evals.val = dict(type="zeroshot", split="validation")
+    config.evals.val = evaluators.make("zeroshot", split="validation")
+  if options.inat:
+    add_inaturalist(config, options.inat)
   if options.batch:
     config.input.batch_size = options.batch
   if options.steps:
@@ -48,23 +54,12 @@ def get_config(arg=None):
 
 def demo(config):
   """A tiny model on `agri_synthetic`, sized for 2 CPU cores."""
-  config.input.dataset = "agri_synthetic"
-  config.input.image_size = 64
-  config.input.batch_size = 64
-  config.input.crop_scale = (0.6, 1.0)
-  config.input.num_threads = 4
-  config.tokenizer.vocab_size = 1024
-  config.tokenizer.max_len = 24
-  tower = dict(width=128, depth=2, mlp_dim=512, num_heads=4, head=True)
-  config.model.img = dict(tower, patch_size=8, pool_type="gap")
-  config.model.txt = dict(tower)
-  config.model.out_dim = 128
-  config.model.logit_scale_init = 10.0
-  config.optim.update(lr=2e-3, warmup_steps=50, weight_decay=1e-4)
-  config.total_steps = 600
-  config.log_every = 50
-  config.eval_every = 200
-  config.checkpoint_every = 200
-  config.evals.heldout = dict(type="zeroshot", split="heldout", classes="present")
-  config.evals.test = dict(type="zeroshot", split="test", classes="present")
+  demo_common.two_tower_demo(config, steps=600, eval_every=200)
   return config
+
+
+def add_inaturalist(config, weight: float) -> None:
+  """Mixes iNaturalist-2021 image-text pairs (a random text type per step) into ALive."""
+  config.input.mixture = [
+      dict(dataset=config.input.dataset, weight=1.0),
+      dict(dataset="inaturalist2021_text", split="train", weight=weight, text_key="texts")]

@@ -16,17 +16,22 @@ Full recipe (after preparing ALive; the image tower from a supervised or importe
       --config.init.workdir=PRETRAINED_RUN_WORKDIR
 
 Options: demo, img=<ViT variant>, txt=<text size>, batch=<global batch>, steps=<total steps>,
-head=<bool: trainable linear head on the locked tower>.
+head=<bool: trainable linear head on the locked tower>, inat=<weight of iNaturalist-2021 mixed
+into the training data, relative to ALive's 1; 0 = none>.
 """
 
 from agriclip_jax import config_lib
+from agriclip_jax.evaluators import base as evaluators
 from agriclip_jax.trainers import contrastive
+from configs import alive_clip
+from configs import demo_common
 
 IMAGE_PRETRAIN_DEMO = "configs/image_pretrain.py:demo"
 
 
 def get_config(arg=None):
   options = config_lib.parse_arg(arg, demo=False, img="B/16", txt="B", batch=0, steps=0,
+                                 inat=0.0,
                                  head=True)
   config = contrastive.default_config()
   # Locked image: the trunk is frozen; only its optional linear head learns, with the text.
@@ -43,7 +48,9 @@ def get_config(arg=None):
     config.model.txt = dict(variant=options.txt, head=True)
     config.model.out_dim = 512
     config.optim.update(lr=5e-4, warmup_steps=500, weight_decay=0.1, b2=0.98, eps=1e-6)
-    config.evals.val = dict(type="zeroshot", split="validation")
+    config.evals.val = evaluators.make("zeroshot", split="validation")
+  if options.inat:
+    alive_clip.add_inaturalist(config, options.inat)
   if options.batch:
     config.input.batch_size = options.batch
   if options.steps:
@@ -53,23 +60,7 @@ def get_config(arg=None):
 
 def demo(config, options):
   """Locks the demo image tower from configs/image_pretrain.py:demo (run first if missing)."""
-  from configs import image_pretrain  # pylint: disable=g-import-not-at-top
+  demo_common.two_tower_demo(config, steps=500, eval_every=250)
+  config.model.img.head = options.head
   config.init.workdir = "{workdir}/image_tower"
   config.init.config = IMAGE_PRETRAIN_DEMO
-  config.input.dataset = "agri_synthetic"
-  config.input.image_size = 64
-  config.input.batch_size = 64
-  config.input.crop_scale = (0.6, 1.0)
-  config.input.num_threads = 4
-  config.tokenizer.vocab_size = 1024
-  config.tokenizer.max_len = 24
-  config.model.img = dict(image_pretrain.DEMO_TOWER, head=options.head)
-  config.model.txt = dict(width=128, depth=2, mlp_dim=512, num_heads=4, head=True)
-  config.model.out_dim = 128
-  config.optim.update(lr=2e-3, warmup_steps=50, weight_decay=1e-4)
-  config.total_steps = 500
-  config.log_every = 50
-  config.eval_every = 250
-  config.checkpoint_every = 250
-  config.evals.heldout = dict(type="zeroshot", split="heldout", classes="present")
-  config.evals.test = dict(type="zeroshot", split="test", classes="present")

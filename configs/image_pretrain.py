@@ -12,28 +12,18 @@ Options: demo, img=<ViT variant>, batch=<global batch>, steps=<total steps>.
 """
 
 from agriclip_jax import config_lib
+from agriclip_jax.evaluators import base as evaluators
 from agriclip_jax.trainers import supervised
-
-# The demo's image tower; configs/alive_lit.py:demo locks a tower of this shape.
-DEMO_TOWER = dict(width=128, depth=2, mlp_dim=512, num_heads=4, patch_size=8, pool_type="gap")
+from configs import demo_common
 
 
 def get_config(arg=None):
   options = config_lib.parse_arg(arg, demo=False, img="B/16", batch=0, steps=0)
   config = supervised.default_config()
   if options.demo:
-    config.input.dataset = "agri_synthetic"
-    config.input.image_size = 64
-    config.input.batch_size = 64
-    config.input.crop_scale = (0.6, 1.0)
-    config.input.num_threads = 4
-    config.model.img = dict(DEMO_TOWER)
-    config.optim.update(lr=2e-3, warmup_steps=50, weight_decay=1e-4)
-    config.total_steps = 400
-    config.log_every = 50
-    config.eval_every = 200
-    config.checkpoint_every = 200
-    config.evals.test = dict(type="classification", split="test", classes="present")
+    demo_common.use_synthetic_data(config, steps=400, eval_every=200)
+    config.model.img = dict(demo_common.IMAGE_TOWER)
+    config.evals.test = evaluators.make("classification", split="test", classes="present")
   else:
     config.input.dataset = "alive"
     config.input.batch_size = 1024
@@ -41,7 +31,7 @@ def get_config(arg=None):
     config.model.img = dict(variant=options.img, pool_type="gap")
     config.optim.update(lr=1e-3, warmup_steps=2000, weight_decay=0.05)
     config.label_smoothing = 0.1
-    config.evals.val = dict(type="classification", split="validation")
+    config.evals.val = evaluators.make("classification", split="validation")
   if options.batch:
     config.input.batch_size = options.batch
   if options.steps:

@@ -7,6 +7,7 @@ problem. Builders import this module as `data.builder_utils` (inside the project
 """
 
 import collections
+import contextlib
 import csv
 import hashlib
 import io
@@ -15,6 +16,7 @@ import os
 from typing import Any, Iterator
 
 from PIL import Image
+from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 REPORT_NAME = "build_report.json"
@@ -26,6 +28,23 @@ class InputError(ValueError):
 
 class BadImage(ValueError):
   """Image bytes that do not decode."""
+
+
+@contextlib.contextmanager
+def bounded_memory(buffer_bytes: int = 64 << 20):
+  """While building: TFDS's writer keeps at most `buffer_bytes` of examples in memory.
+
+  TFDS buffers up to 1 GB of serialized examples before spilling them to 1000 hashed buckets
+  on disk (and later sorts one bucket at a time), so with this cap a build's memory stays flat
+  whatever the number of images. Builders must keep TFDS's (hash) shuffling on: with
+  shuffling disabled every example would land in one bucket, read whole at the end.
+  """
+  saved = tfds_shuffle.MAX_MEM_BUFFER_SIZE
+  tfds_shuffle.MAX_MEM_BUFFER_SIZE = buffer_bytes
+  try:
+    yield
+  finally:
+    tfds_shuffle.MAX_MEM_BUFFER_SIZE = saved
 
 
 def checked_image(data: bytes) -> bytes:

@@ -32,7 +32,7 @@ def write_alive(root: str) -> dict:
       ("Banana Deficiency", "boron"): ["b1.jpg", "b2.jpg"],
       ("Banana Deficiency", "healthy"): ["h1.jpg"],
       ("Cow Breed", "Jersey"): ["j1.png", "j2.jpg"],
-      ("Poissons du Marché", "Dorade grise"): ["d1.jpg"],  # non-ASCII, not in prompts.json
+      ("Marché aux poissons (fish market)", "Dorade grise"): ["d1.jpg"],  # not in prompts.json
   }
   paths = {}
   for i, ((source, klass), names) in enumerate(sorted(tree.items())):

@@ -158,6 +158,8 @@ def test_mismatched_checkpoint_is_one_line(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
+    (("--config=tests/tiny_config.py:kind=pretrain", "--config.evals.test.type=zeroshot"),
+     "zero-shot evaluation needs a text tower"),
     (("--config.optim.lrr=1",), "error: unknown config field 'optim.lrr' (did you mean 'lr'?)"),
     (("--config.input.dataset=no_such_set",), "error: unknown dataset 'no_such_set'"),
     (("--config.evals.heldout.split=validation",), "has no split 'validation'"),
@@ -165,10 +167,15 @@ def test_mismatched_checkpoint_is_one_line(data_dir, tmp_path):
     (("--config.optim.decay_regex=(",), "optim.decay_regex: invalid regular expression"),
     (("--config.input.text_key=caption",), "input.text_key='caption': agri_synthetic/small"),
     (("--config.input.image_size=36",), "image size 36x36 is not a multiple of the ViT patch"),
-    (("--config.evals.heldout.type=classification",), "gives 32 values per image"),
+    (("--config.evals.heldout.type=classification", "--config.evals.heldout.templates=",
+      "--config.evals.heldout.class_texts="),
+     "evaluators of type 'classification' have fields"),
 ])
 def test_bad_input_is_one_error_line(data_dir, tmp_path, args, message):
-  result = launch(str(tmp_path), "tests/tiny_config.py:kind=clip", *args, data_dir=data_dir)
+  config = "tests/tiny_config.py:kind=clip"
+  if args[0].startswith("--config="):
+    config, args = args[0][len("--config="):], args[1:]
+  result = launch(str(tmp_path), config, *args, data_dir=data_dir)
   assert result.returncode == 2
   errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]

@@ -4,6 +4,7 @@
 """
 
 from agriclip_jax import config_lib
+from agriclip_jax.evaluators import base as evaluators
 from configs import alive_clip
 from configs import alive_lit
 from configs import image_pretrain
@@ -20,9 +21,18 @@ def get_config(arg=None):
     config.init.config = "tests/tiny_config.py:kind=pretrain"
   elif options.kind == "pretrain":
     config = image_pretrain.get_config("demo")
+  elif options.kind == "mixture":  # The ALive and iNaturalist fixtures of test_builders.
+    config = alive_clip.get_config("demo")
+    config.input.mixture = [
+        dict(dataset="alive", weight=1.0),
+        dict(dataset="inaturalist2021_text", split="train_mini", weight=0.5, text_key="texts")]
+    config.evals.heldout = evaluators.make("zeroshot", dataset="alive", split="train")
+    config.evals.test = evaluators.make("zeroshot", dataset="inaturalist2021_text", split="val",
+                             class_texts="lit_species")
   else:
     raise config_lib.ConfigError(f"unknown kind {options.kind!r}")
-  config.input.dataset = "agri_synthetic/small"
+  if options.kind != "mixture":
+    config.input.dataset = "agri_synthetic/small"
   config.input.image_size = 32
   config.input.batch_size = 16
   config.input.num_threads = 2

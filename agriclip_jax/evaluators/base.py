@@ -50,13 +50,25 @@ def _module(type_name: str):
   return importlib.import_module(REGISTRY[type_name])
 
 
+def make(type_name: str, **fields) -> ml_collections.ConfigDict:
+  """An evaluator config holding every field of `type_name` (so any of them can be overridden
+  from the command line), with `fields` set. Unknown fields are a ConfigError."""
+  defaults = {**COMMON_FIELDS, **_module(type_name).default_config(), "type": type_name}
+  config_lib.check_keys(fields, defaults, f"evaluator {type_name}")
+  return ml_collections.ConfigDict({**defaults, **fields})
+
+
 def validate(evals: ml_collections.ConfigDict) -> None:
   """Checks every evaluator config's fields (before anything is built)."""
   for name, config in evals.items():
     if "type" not in config:
       raise config_lib.ConfigError(f"config.evals.{name} has no 'type'")
     fields = {**COMMON_FIELDS, **_module(config.type).default_config()}
-    config_lib.check_keys(config, fields, f"evals.{name}")
+    try:
+      config_lib.check_keys(config, fields, f"evals.{name}")
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f"{e}; evaluators of type {config.type!r} have fields "
+                                   f"{sorted(fields)}") from None
 
 
 def build(evals: ml_collections.ConfigDict, context: Context, default_every: int):

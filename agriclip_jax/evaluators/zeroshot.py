@@ -13,6 +13,7 @@ import numpy as np
 from agriclip_jax import config_lib
 from agriclip_jax import sharding
 from agriclip_jax.evaluators import classification
+from agriclip_jax.evaluators import templates
 from agriclip_jax.input import pipeline
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -21,7 +22,9 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 def default_config() -> dict:
   return dict(
       classification.default_config(),
-      templates=None,  # None = the dataset's metadata, else DEFAULT_TEMPLATES
+      # A list, a set's name from templates.py, or "": the dataset's metadata, else
+      # DEFAULT_TEMPLATES.
+      templates="",
       # "" = prompt with the label names; else the dataset metadata's class_texts[kind]
       # (e.g. "lit_species" for iNaturalist: "<common name> <supercategory> <genus>").
       class_texts="",
@@ -36,8 +39,8 @@ class Evaluator(classification.Evaluator):
                                    "this trainer's model has none (use type='classification')")
     super().__init__(name, config, context)
     metadata = self.builder.info.metadata or {}
-    self.templates = tuple(config.templates or metadata.get("prompt_templates")
-                           or DEFAULT_TEMPLATES)
+    self.templates = (templates.resolve(config.templates)
+                      or tuple(metadata.get("prompt_templates") or DEFAULT_TEMPLATES))
     self.prompt_names = self.class_names
     if config.class_texts:
       kinds = metadata.get("class_texts") or {}

@@ -84,9 +84,7 @@ def load_params(init_config, state, spec: StateSpec, workdir: str):
   problems += [f"{k}: {tuple(stored[k].shape)} in {path} vs {target[k].shape} here"
                for k in chosen if k in target and tuple(stored[k].shape) != target[k].shape]
   if problems:
-    raise checkpointing.CheckpointMismatchError(
-        f"cannot initialise from {path}: " + "; ".join(problems[:3])
-        + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
+    raise checkpointing.mismatch(f"cannot initialise from {path}", problems)
   if not chosen:
     raise config_lib.ConfigError(f"config.init selects no parameters of {path}")
   item = {"params": unflatten({k: target[k] for k in chosen})}

@@ -59,14 +59,14 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             "class_name": tfds.features.Text(),
         }),
         supervised_keys=("image", "label"),
-        disable_shuffling=True,  # Pipelines shuffle at read time; builds stay memory-bounded.
         metadata=tfds.core.MetadataDict(prompt_templates=list(task.templates),
                                         title=task.title, domain=task.domain),
     )
 
   def _download_and_prepare(self, dl_manager, download_config=None):
     self._report = builder_utils.Report()
-    super()._download_and_prepare(dl_manager, download_config)
+    with builder_utils.bounded_memory():
+      super()._download_and_prepare(dl_manager, download_config)
     path = self._report.write(self.data_dir)
     logging.info("agri_downstream/%s: %s (details in %s)", self.builder_config.name,
                  self._report.summary(), path)

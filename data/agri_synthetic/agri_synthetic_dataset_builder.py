@@ -55,7 +55,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 for k in ("subject", "colour", "pattern", "size", "background")}),
         }),
         supervised_keys=("image", "label"),
-        disable_shuffling=True,  # Pipelines shuffle at read time.
         metadata=tfds.core.MetadataDict(
             prompt_templates=list(spec_lib.PROMPT_TEMPLATES),
             heldout_classes=[c.name for c in classes if c.held_out],

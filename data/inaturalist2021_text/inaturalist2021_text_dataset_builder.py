@@ -89,13 +89,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             "taxonomy": tfds.features.FeaturesDict({k: text() for k in TAXONOMY_FIELDS}),
             "texts": tfds.features.FeaturesDict({k: text() for k in TEXT_TYPES}),
         }),
-        disable_shuffling=True,  # Training pipelines shuffle globally at read time.
         metadata=tfds.core.MetadataDict(prompt_templates=["a photo of {}."]),
     )
 
   def _download_and_prepare(self, dl_manager, download_config=None):
     self._report = builder_utils.Report()
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, builder_utils.bounded_memory():
       self._scratch = scratch
       super()._download_and_prepare(dl_manager, download_config)
     path = self._report.write(self.data_dir)

@@ -1,0 +1,362 @@
+"""The ALive, iNaturalist-2021 and downstream builders on generated raw files, feature by
+feature; skips are counted and listed; malformed inputs name their file and line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from agriclip_jax.input import datasets
+from agriclip_jax.input import prepare
+from data import builder_utils
+from data.alive import alive_dataset_builder as alive_lib
+from data.inaturalist2021_text import inaturalist2021_text_dataset_builder as inat_lib
+import fixtures  # pylint: disable=wrong-import-order
+
+PROMPTS = builder_utils.load_json(os.path.join(os.path.dirname(alive_lib.__file__),
+                                               "prompts.json"))
+
+
+def _examples(builder, split):
+  source = datasets.data_source(builder, split)
+  return [source[i] for i in range(len(source))]
+
+
+def _decode(value):
+  if isinstance(value, bytes):
+    return value.decode()
+  if isinstance(value, dict):
+    return {k: _decode(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return [_decode(v) for v in value]
+  return value
+
+
+# ALive ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def alive(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("alive"))
+  raw = fixtures.write_alive(os.path.join(root, "raw"))
+  builder, report = prepare.prepare("alive", os.path.join(root, "raw"), os.path.join(root, "tfds"))
+  return builder, report, raw, os.path.join(root, "raw")
+
+
+def expected_alive_captions(raw):
+  prompts = alive_lib.Prompts(PROMPTS, None)
+  captions = {path: prompts.captions(source, klass)
+              for path, (source, klass) in raw["paths"].items()}
+  for path, caption, _ in raw["rows"]:  # Table captions replace the generated ones.
+    if path in captions:
+      captions[path] = [c for p, c, _ in raw["rows"] if p == path]
+  for path, (_, klass) in raw["paths"].items():
+    captions[path] = captions[path] + raw["paraphrases"].get(klass, [])
+  return captions
+
+
+def test_alive_every_feature_of_every_image(alive):
+  builder, _, raw, root = alive
+  captions = expected_alive_captions(raw)
+  seen = {}
+  for split in builder.info.splits:
+    for ex in _examples(builder, split):
+      ex = _decode({k: v for k, v in ex.items() if k != "image"}) | {"image": ex["image"]}
+      path = ex["image_path"]
+      assert builder_utils.split_of(path, "validation", 0.02) == split
+      source, klass = raw["paths"][path]
+      assert ex["captions"] == captions[path], path
+      assert (ex["class_name"], ex["source"]) == (klass, source)
+      assert builder.info.features["label"].int2str(ex["label"]) == klass
+      with open(os.path.join(root, path), "rb") as f:
+        assert ex["image"] == f.read()  # JPEG and PNG bytes are kept as they are.
+      seen[path] = builder.info.features["domain"].int2str(ex["domain"])
+  assert set(seen) == set(raw["paths"])
+  assert seen["Cow Breed/Jersey/j1.png"] == "livestock"
+  assert seen["Banana Deficiency/boron/b1.jpg"] == "crop"
+  assert seen["Marché aux poissons (fish market)/Dorade grise/d1.jpg"] == "fish"  # guessed
+  assert builder.info.features["label"].names == sorted({k for _, k in raw["paths"].values()})
+
+
+def test_alive_prompt_strategy_and_paraphrases(alive):
+  builder, _, _, _ = alive
+  by_path = {}
+  for split in builder.info.splits:
+    for ex in _examples(builder, split):
+      by_path[ex["image_path"].decode()] = _decode(ex["captions"])
+  assert by_path["Banana Deficiency/boron/b2.jpg"] == [
+      "a photo of a leaf with boron deficiency.",
+      "a banana leaf lacking boron.",
+      "a banana plant leaf with a boron deficiency.",
+      "a photo of a leaf with boron deficiency, characterized by yellow patches and curled "
+      "edges.",
+      "banana leaves showing nutrient deficiencies: boron, with yellow patches and curled "
+      "edges."]
+  assert by_path["Banana Deficiency/healthy/h1.jpg"][-2:] == [
+      "a banana leaf in perfect health", "a vigorous green banana leaf"]
+  assert by_path["Cow Breed/Jersey/j1.png"] == [
+      "A Jersey cattle, renowned for its rich, creamy milk.",
+      "a photo of a cow from Jersey breed"]
+
+
+def test_alive_skips_are_counted_and_listed(alive):
+  builder, report, raw, root = alive
+  assert report["skipped"]["missing file"]["count"] == 1
+  missing = report["skipped"]["missing file"]["items"][0]
+  assert missing["item"] == raw["missing"]
+  assert missing["detail"] == os.path.join(root, "captions.csv") + ":5"
+  assert [i["item"] for i in report["skipped"]["unreadable image"]["items"]] == [raw["corrupt"]]
+  assert sum(report["examples"].values()) == len(raw["paths"])
+  with open(os.path.join(builder.data_dir, builder_utils.REPORT_NAME)) as f:
+    assert json.load(f) == report
+
+
+def test_alive_malformed_or_mismatched_table_is_one_line(tmp_path):
+  raw = tmp_path / "raw"
+  fixtures.write_alive(str(raw))
+  lines = (raw / "captions.csv").read_text(encoding="utf-8").splitlines()
+  lines[2] += ",extra field"
+  (raw / "captions.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+  with pytest.raises(builder_utils.InputError, match=r"captions.csv:3: 4 fields, the header "
+                                                     r"has 3"):
+    prepare.prepare("alive", str(raw), str(tmp_path / "tfds"))
+  (raw / "captions.csv").write_text("path_to_img,words\nx.jpg,y\n")
+  with pytest.raises(builder_utils.InputError, match=r"captions.csv:1: no image path column"):
+    prepare.prepare("alive", str(raw), str(tmp_path / "tfds"))
+  # The column names can be given instead (a new config name keeps the build apart).
+  (raw / "captions.csv").write_text("path_to_img,words\nCow Breed/Jersey/j2.jpg,a cow\n")
+  builder, _ = prepare.prepare("alive", str(raw), str(tmp_path / "tfds"),
+                               ["image_column=path_to_img", "caption_column=words"])
+  assert builder.info.full_name == "alive/custom/1.0.0"
+  paths = {ex["image_path"]: _decode(ex["captions"]) for s in builder.info.splits
+           for ex in _examples(builder, s)}
+  assert paths[b"Cow Breed/Jersey/j2.jpg"] == ["a cow"]
+
+
+def test_tfds_cli_builds_alive(tmp_path):
+  raw = tmp_path / "raw"
+  fixtures.write_alive(str(raw))
+  tfds_cli = os.path.join(os.path.dirname(sys.executable), "tfds")
+  result = subprocess.run(
+      [tfds_cli, "build", "data/alive", f"--manual_dir={raw}", f"--data_dir={tmp_path / 'out'}"],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+      text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  built = datasets.builder("alive", str(tmp_path / "out"), prepare=False)
+  assert built.info.splits.total_num_examples == 6
+  assert os.path.exists(os.path.join(built.data_dir, builder_utils.REPORT_NAME))
+  assert any(f.endswith(".array_record-00000-of-00001") or ".array_record" in f
+             for f in os.listdir(built.data_dir))
+
+
+# iNaturalist-2021 -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["folders", "archives"])
+def inat(request, tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("inat"))
+  expected = fixtures.write_inat(os.path.join(root, "raw"), archive=request.param)
+  builder, report = prepare.prepare("inaturalist2021_text", os.path.join(root, "raw"),
+                                    os.path.join(root, "tfds"))
+  return builder, report, expected
+
+
+def test_inat_every_feature_and_every_text_type(inat):
+  builder, _, expected = inat
+  categories = {c["id"]: c for c in fixtures.INAT_CATEGORIES}
+  assert builder.info.features["label"].names == [c["name"] for c in fixtures.INAT_CATEGORIES]
+  for split in ("train_mini", "val"):
+    members = dict(expected[split]["members"])
+    skipped = {expected[split]["missing"], expected[split]["corrupt"]}
+    examples = _examples(builder, split)
+    assert sorted(_decode(ex["file_name"]) for ex in examples) == sorted(set(members) - skipped)
+    for ex in examples:
+      category = members[_decode(ex["file_name"])]
+      assert int(ex["label"]) == category["id"]
+      taxonomy = _decode(ex["taxonomy"])
+      for field in inat_lib.TAXONOMY_FIELDS:
+        assert taxonomy[field] == (category.get(field) or ""), field
+      scientific, genus = category["name"], category["genus"]
+      common = category["common_name"] or scientific  # falls back to the scientific name
+      ranks = " ".join(category[r] for r in inat_lib.RANKS)
+      assert _decode(ex["texts"]) == {
+          "scientific": f"a photo of {scientific}.",
+          "common": f"a photo of {common}.",
+          "taxonomic": f"a photo of {ranks}.",
+          "scientific_common": f"a photo of {scientific} with common name {common}.",
+          "taxonomic_common": f"a photo of {ranks} with common name {common}.",
+          "lit_species": f"{common} {category['supercategory']} {genus}",
+      }
+  texts = builder.info.metadata["class_texts"]
+  assert texts["lit_species"][2] == "Bolitoglossa mexicana Amphibians Bolitoglossa"
+  assert texts["common"][3] == "grenouille de Lessona (pool frog)"
+  del categories
+
+
+def test_inat_skips_missing_and_corrupt_images(inat):
+  _, report, expected = inat
+  assert [i["item"] for i in report["skipped"]["missing file"]["items"]] == [
+      expected["val"]["missing"]]
+  assert [i["item"] for i in report["skipped"]["unreadable image"]["items"]] == [
+      expected["train_mini"]["corrupt"]]
+  assert report["examples"] == {"train_mini": 11, "val": 7}
+
+
+def test_inat_malformed_json_names_file_and_line(tmp_path):
+  fixtures.write_inat(str(tmp_path / "raw"))
+  path = tmp_path / "raw" / "val.json"
+  lines = path.read_text(encoding="utf-8").splitlines()
+  broken = next(i for i, line in enumerate(lines) if '"file_name"' in line)
+  lines[broken] = lines[broken].replace('"file_name"', "file_name")
+  path.write_text("\n".join(lines), encoding="utf-8")
+  with pytest.raises(builder_utils.InputError, match=rf"val.json:{broken + 1}:\d+: malformed "
+                                                     "JSON"):
+    prepare.prepare("inaturalist2021_text", str(tmp_path / "raw"), str(tmp_path / "tfds"))
+
+
+# Downstream tasks -------------------------------------------------------------------------
+
+
+def test_downstream_split_folders_class_mapping_and_registry_order(tmp_path):
+  raw = tmp_path / "banana"
+  fixtures.write_image_folder(str(raw), {"boron": 3, "healthy": 2, "Zinc_def": 2},
+                              splits=["train", "Test"])
+  (raw / "classnames.json").write_text(json.dumps({"Zinc_def": "zinc"}))
+  builder, report = prepare.prepare("agri_downstream/banana_deficiency", str(raw),
+                                    str(tmp_path / "tfds"))
+  names = builder.info.features["label"].names
+  assert names == ["boron", "calcium", "healthy", "iron", "magnesium", "manganese",
+                   "potassium", "sulphur", "zinc"]  # The registry's order.
+  assert builder.info.metadata["prompt_templates"][0] == (
+      "a photo of a banana leaf with {} deficiency.")
+  for split, folder in (("train", "train"), ("test", "Test")):
+    examples = {_decode(ex["image_path"]): ex for ex in _examples(builder, split)}
+    assert sorted(examples) == sorted(
+        os.path.join(folder, c, f"{k}.jpg")
+        for c, n in {"boron": 3, "healthy": 2, "Zinc_def": 2}.items() for k in range(n))
+    for path, ex in examples.items():
+      klass = {"Zinc_def": "zinc"}.get(path.split("/")[1], path.split("/")[1])
+      assert names[ex["label"]] == _decode(ex["class_name"]) == klass
+  assert report["examples"] == {"train": 7, "test": 7}
+
+
+def test_downstream_without_split_folders_hashes_a_test_split(tmp_path):
+  paths = fixtures.write_image_folder(str(tmp_path / "cows"),
+                                      {"Jersey": 10, "Holstein": 10, "Gir": 10})
+  builder, _ = prepare.prepare("agri_downstream/cow_breed", str(tmp_path / "cows"),
+                               str(tmp_path / "tfds"))
+  test = sorted(_decode(ex["image_path"]) for ex in _examples(builder, "test"))
+  assert test == sorted(p for p in paths if builder_utils.split_of(p, "test", 0.2) == "test")
+  assert builder.info.splits["train"].num_examples + len(test) == 30
+  assert builder.info.features["label"].names == ["Gir", "Holstein", "Jersey"]
+
+
+def test_downstream_wrong_classes_are_one_line(tmp_path):
+  fixtures.write_image_folder(str(tmp_path / "cows"), {"Jersey": 2, "Gir": 2})
+  with pytest.raises(builder_utils.InputError, match="Cow Breed has 3 classes; the folders "
+                                                     "give 2"):
+    prepare.prepare("agri_downstream/cow_breed", str(tmp_path / "cows"), str(tmp_path / "t"))
+  fixtures.write_image_folder(str(tmp_path / "banana"), {"boron": 2, "copper": 2})
+  with pytest.raises(builder_utils.InputError, match=r"folders \['copper'\] are not among"):
+    prepare.prepare("agri_downstream/banana_deficiency", str(tmp_path / "banana"),
+                    str(tmp_path / "t"))
+
+
+def test_registry_names_every_known_task():
+  from data.agri_downstream import registry  # pylint: disable=g-import-not-at-top
+  titles = {t.title for t in registry.TASKS}
+  for title in ("Acquarium Fish", "Animal-2", "Banana Deficiency", "Bean Lesion",
+                "Chicken Fecus", "CID", "Citrus Fruits", "Citrus Leaves", "Cow Breed",
+                "DeepFish", "Fish Freshness", "Fish Species", "Fruits Diseases", "Horse Breed",
+                "Supermarket Fish", "FishNet", "Soybean Weeds"):
+    assert title in titles
+  for task in registry.TASKS:
+    assert all("{}" in t for t in task.templates), task.name
+    assert task.domain in ("crop", "livestock", "fish")
+
+
+# Shared helpers ---------------------------------------------------------------------------
+
+
+def test_streaming_json_matches_json_module_including_errors(tmp_path):
+  doc = {"info": {"a": [1, 2]}, "images": [{"id": i, "name": f"é{i}"} for i in range(300)],
+         "empty": [], "n": 12345678901234567890}
+  path = tmp_path / "x.json"
+  path.write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
+  for chunk_size in (5, 64, 1 << 20):
+    items = list(builder_utils.stream_json_object(str(path), chunk_size))
+    assert [v for k, v in items if k == "images"] == doc["images"]
+    assert ("n", doc["n"]) in items and ("info", doc["info"]) in items
+  text = path.read_text(encoding="utf-8")
+  for cut in (17, 500, 3000, len(text) - 2):  # Truncated files: same position as json's.
+    path.write_text(text[:cut], encoding="utf-8")
+    try:
+      json.loads(text[:cut])
+    except json.JSONDecodeError as e:
+      want = f":{e.lineno}:{e.colno}:"
+    with pytest.raises(builder_utils.InputError) as error:
+      list(builder_utils.stream_json_object(str(path), chunk_size=64))
+    assert want in str(error.value), (cut, str(error.value))
+
+
+def test_checked_image_rejects_truncated_and_converts_other_formats(tmp_path):
+  data = fixtures.write_image(str(tmp_path / "a.jpg"), seed=0, size=(64, 48))
+  assert builder_utils.checked_image(data) == data
+  with pytest.raises(builder_utils.BadImage):
+    builder_utils.checked_image(data[: len(data) // 2])
+  bmp = fixtures.write_image(str(tmp_path / "a.bmp"), seed=1, fmt="BMP")
+  png = builder_utils.checked_image(bmp)
+  assert png.startswith(b"\x89PNG")
+  np.testing.assert_array_equal(np.asarray(_open(png)), np.asarray(_open(bmp)))
+
+
+def _open(data):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+# Training on the prepared fixtures ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  """One data dir holding the ALive, iNaturalist and cow-breed fixtures, prepared."""
+  root = tmp_path_factory.mktemp("prepared")
+  fixtures.write_alive(str(root / "alive"))
+  fixtures.write_inat(str(root / "inat"), archive=True)
+  fixtures.write_image_folder(str(root / "cows"), {"Jersey": 10, "Holstein": 10, "Gir": 10})
+  data_dir = str(root / "tfds")
+  for name, raw in (("alive", "alive"), ("inaturalist2021_text", "inat"),
+                    ("agri_downstream/cow_breed", "cows")):
+    prepare.prepare(name, str(root / raw), data_dir)
+  return data_dir
+
+
+@pytest.mark.parametrize("config,overrides", [
+    ("kind=clip", ["--config.input.dataset=alive", "--config.evals.heldout.split=train",
+                   "--config.evals.test.split=train"]),
+    ("kind=clip", ["--config.input.dataset=inaturalist2021_text",
+                   "--config.input.split=train_mini", "--config.input.text_key=texts",
+                   "--config.evals.heldout.split=val",
+                   "--config.evals.heldout.class_texts=lit_species",
+                   "--config.evals.test.split=train_mini",
+                   "--config.evals.test.templates=species"]),
+    ("kind=pretrain", ["--config.input.dataset=agri_downstream/cow_breed"]),
+    ("kind=mixture", []),
+], ids=["alive", "inaturalist", "downstream", "mixture"])
+def test_training_runs_on_each_prepared_dataset(prepared, tmp_path, config, overrides):
+  from conftest import launch  # pylint: disable=g-import-not-at-top
+  result = launch(str(tmp_path), f"tests/tiny_config.py:{config}", "--config.total_steps=6",
+                  *overrides, data_dir=prepared)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "finished at step 6" in result.stdout
+  with open(tmp_path / "summary.json") as f:
+    summary = json.load(f)
+  assert all(v == v for v in summary.values())  # no NaN
+  if config == "kind=mixture":
+    assert "alive/" in result.stderr and "inaturalist2021_text/" in result.stderr
+    assert summary["test/num_classes"] == 4 and summary["heldout/num_examples"] == 6
