@@ -70,7 +70,7 @@ def time_mode(mode: str, batch_size: int, image_size: int, steps: int, warmup: i
   spec = state_lib.make_spec(model_init, tx, labels, mesh, [(".*", "fsdp")], seed=0)
   objective = contrastive.make_objective(model, "softmax", preprocess.normalize)
   batch_sharding = sharding.batch_sharding(mesh)
-  step = common.jit_train_step(objective, tx, lr, spec, mesh)
+  step = common.jit_step(common.train_step(objective, tx, labels, lr), spec, mesh)
   rng = np.random.default_rng(0)
   batch = sharding.global_batch({
       "image": rng.integers(0, 256, (batch_size, image_size, image_size, 3), np.uint8),

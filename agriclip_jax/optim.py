@@ -6,7 +6,10 @@ gradient is computed, no optimizer state is kept) or a dict with optional `lr_mu
 `wd_mult`. A parameter no rule covers is a config error. LiT is `[("img/.*", None), (".*", {})]`.
 
 Weight decay applies only to parameters whose path matches `optim.decay_regex` (kernels by
-default), scaled by the rule's `wd_mult`.
+default), scaled by the rule's `wd_mult`; it is decoupled (AdamW-style, scaled by the learning
+rate) and follows a cosine from `weight_decay` to `weight_decay_end` when that is set.
+Gradients are clipped to `clip_norm` by their global norm, or parameter by parameter with
+`clip_mode="per_param"` (DINO's recipe).
 """
 
 import json
@@ -14,6 +17,8 @@ import re
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from agriclip_jax import config_lib
@@ -62,6 +67,48 @@ def merge(trainable, frozen):
   return unflatten({**flatten(trainable), **flatten(frozen)})
 
 
+def cosine(start: float, end: float, total_steps: int) -> Callable[[Any], Any]:
+  """step -> `start` at 0, `end` from `total_steps` on, half a cosine in between."""
+  def value(step):
+    progress = jnp.clip(step / max(total_steps, 1), 0.0, 1.0)
+    return end + (start - end) * 0.5 * (1 + jnp.cos(np.pi * progress))
+  return value
+
+
+def warmup_then_constant(start: float, end: float, warmup_steps: int):
+  """step -> linear from `start` to `end` over `warmup_steps`, then `end`."""
+  def value(step):
+    if not warmup_steps:
+      return jnp.asarray(end, jnp.float32)
+    return start + (end - start) * jnp.clip(step / warmup_steps, 0.0, 1.0)
+  return value
+
+
+def scheduled_decay(weight_decay: Callable[[Any], Any], mask) -> optax.GradientTransformation:
+  """Adds `weight_decay(step) * param` to the update where `mask(params)` is True."""
+
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params):
+    rate = weight_decay(state.count)
+    updates = jax.tree.map(lambda u, p, m: u + rate * p if m else u, updates, params,
+                           mask(params))
+    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init, update)
+
+
+def clip_each(max_norm: float) -> optax.GradientTransformation:
+  """Scales each parameter's gradient down to norm `max_norm` if it is larger."""
+  def clip(updates, state, params=None):
+    del params
+    return jax.tree.map(
+        lambda g: g * jnp.minimum(1.0, max_norm / (jnp.linalg.norm(g) + 1e-6)), updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), clip)
+
+
 def schedule(config, total_steps: int) -> Callable[[Any], Any]:
   """Learning-rate schedule: linear warm-up, then `config.schedule`."""
   lr, warmup = config.lr, config.warmup_steps
@@ -84,23 +131,24 @@ def schedule(config, total_steps: int) -> Callable[[Any], Any]:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
-def _group(config, lr_schedule, rule: dict,
-           decay_regex: re.Pattern) -> optax.GradientTransformation:
+def _group(config, lr_schedule, rule: dict, decay_regex: re.Pattern,
+           total_steps: int) -> optax.GradientTransformation:
   lr_mult, wd_mult = rule.get("lr_mult", 1.0), rule.get("wd_mult", 1.0)
   scaled_lr = lambda step: lr_schedule(step) * lr_mult
   decay_mask = lambda tree: jax.tree_util.tree_map_with_path(
       lambda path, _: bool(decay_regex.fullmatch(path_str(path))), tree)
-  weight_decay = config.weight_decay * wd_mult
-  if config.name == "adamw":
-    return optax.adamw(scaled_lr, b1=config.b1, b2=config.b2, eps=config.eps,
-                       weight_decay=weight_decay, mask=decay_mask)
-  if config.name == "adafactor":
-    # Factored second moments with update clipping; decay is decoupled and scaled by the
-    # learning rate exactly as in AdamW, so weight_decay means the same for both.
-    return optax.chain(optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0),
-                       optax.add_decayed_weights(weight_decay, decay_mask),
-                       optax.scale_by_learning_rate(scaled_lr))
-  raise OptimConfigError(f"unknown optim.name {config.name!r}; expected adamw or adafactor")
+  end = config.get("weight_decay_end")
+  decay = scheduled_decay(cosine(config.weight_decay * wd_mult,
+                                 (config.weight_decay if end is None else end) * wd_mult,
+                                 total_steps), decay_mask)
+  if config.name == "adamw":  # optax.adamw, with a schedulable decay.
+    moments = optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps)
+  elif config.name == "adafactor":  # Factored second moments, update clipping.
+    moments = optax.chain(optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0))
+  else:
+    raise OptimConfigError(f"unknown optim.name {config.name!r}; expected adamw or adafactor")
+  # Decoupled decay, scaled by the learning rate: weight_decay means the same for both.
+  return optax.chain(moments, decay, optax.scale_by_learning_rate(scaled_lr))
 
 
 def make(config, params, total_steps: int):
@@ -111,7 +159,7 @@ def make(config, params, total_steps: int):
     raise OptimConfigError("optim.rules freeze every parameter; nothing would train")
   lr_schedule = schedule(config, total_steps)
   decay_regex = config_lib.compile_regex(config.decay_regex, "optim.decay_regex")
-  groups = {label: _group(config, lr_schedule, json.loads(label), decay_regex)
+  groups = {label: _group(config, lr_schedule, json.loads(label), decay_regex, total_steps)
             for label in sorted(set(labels.values()) - {FROZEN})}
   if len(groups) == 1:
     tx = next(iter(groups.values()))
@@ -119,5 +167,10 @@ def make(config, params, total_steps: int):
     trainable_labels = unflatten({k: v for k, v in labels.items() if v != FROZEN})
     tx = optax.multi_transform(groups, trainable_labels)
   if config.get("clip_norm"):
-    tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), tx)
+    mode = config.get("clip_mode", "global")
+    if mode not in ("global", "per_param"):
+      raise OptimConfigError(f"optim.clip_mode {mode!r}: expected global or per_param")
+    clip = (optax.clip_by_global_norm(config.clip_norm) if mode == "global"
+            else clip_each(config.clip_norm))
+    tx = optax.chain(clip, tx)
   return tx, labels, lr_schedule

@@ -62,5 +62,5 @@ def demo(config, options):
   """Locks the demo image tower from configs/image_pretrain.py:demo (run first if missing)."""
   demo_common.two_tower_demo(config, steps=500, eval_every=250)
   config.model.img.head = options.head
+  config.requires = [dict(workdir="{workdir}/image_tower", config=IMAGE_PRETRAIN_DEMO)]
   config.init.workdir = "{workdir}/image_tower"
-  config.init.config = IMAGE_PRETRAIN_DEMO

@@ -2,7 +2,7 @@
 
 Stands in for the ImageNet-21k pre-trained ViT that LiT uses when no weights can be fetched:
 it learns the training classes of a dataset from labels only (no text), so the held-out
-classes stay unseen. The LiT demo runs it as its first stage (`config.init.config`):
+classes stay unseen. The LiT demo runs it as its first stage (`config.requires`):
 
   python launch.py --config configs/image_pretrain.py:demo --workdir /tmp/image_pretrain
 

@@ -73,7 +73,10 @@ def _config_files():
      for arg in ("", "demo")]
     + ["configs/inat21_lit.py", "configs/inat21_lit.py:text=random,split=train_mini",
        "configs/alive_clip.py:inat=0.3", "configs/alive_lit.py:demo,inat=0.5"]
-    + [f"tests/tiny_config.py:kind={k}" for k in ("clip", "lit", "pretrain", "mixture")]))
+    + [f"configs/agriclip.py:stage={s}{d}" for s in ("clip", "dino", "align", "eval")
+       for d in ("", ",demo")]
+    + [f"tests/tiny_config.py:kind={k}" for k in ("clip", "lit", "pretrain", "mixture", "dino",
+                                                  "joint", "align", "align_eval")]))
 def test_shipped_configs_validate(spec):
   config = config_lib.load(spec.rstrip(":"))
   trainers.validate(config)

@@ -184,7 +184,7 @@ def test_bad_input_is_one_error_line(data_dir, tmp_path, args, message):
 
 def test_frozen_tower_without_pretrained_weights_is_refused(data_dir, tmp_path):
   result = launch(str(tmp_path), "tests/tiny_config.py:kind=lit", "--config.init.workdir=",
-                  "--config.init.config=", data_dir=data_dir)
+                  data_dir=data_dir)
   assert result.returncode == 2
   errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and "frozen parameters (e.g. img/" in errors[0], result.stderr[-2000:]

@@ -57,7 +57,7 @@ def train(mesh_axes, num_devices, loss="softmax", rules=((".*", {}),)):
                              fsdp_min_size=64)
   objective = contrastive.make_objective(model, loss, preprocess.normalize)
   batch_sharding = sharding.batch_sharding(mesh)
-  step = common.jit_train_step(objective, tx, lr, spec, mesh)
+  step = common.jit_step(common.train_step(objective, tx, labels, lr), spec, mesh)
   state, losses = spec.init(), []
   for batch in _batches(3):
     state, metrics = step(state, sharding.global_batch(batch, batch_sharding))

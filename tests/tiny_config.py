@@ -5,8 +5,11 @@
 
 from agriclip_jax import config_lib
 from agriclip_jax.evaluators import base as evaluators
+from configs import agriclip
 from configs import alive_clip
+from configs import alive_dino
 from configs import alive_lit
+from configs import alive_ssl_contrastive
 from configs import image_pretrain
 
 TOWER = dict(width=32, depth=1, mlp_dim=64, num_heads=2)
@@ -18,9 +21,25 @@ def get_config(arg=None):
     config = alive_clip.get_config("demo")
   elif options.kind == "lit":
     config = alive_lit.get_config("demo")
-    config.init.config = "tests/tiny_config.py:kind=pretrain"
+    config.requires = [dict(workdir="{workdir}/image_tower",
+                            config="tests/tiny_config.py:kind=pretrain")]
   elif options.kind == "pretrain":
     config = image_pretrain.get_config("demo")
+  elif options.kind == "dino":
+    config = alive_dino.get_config("demo")
+  elif options.kind == "joint":
+    config = alive_ssl_contrastive.get_config("demo")
+  elif options.kind in ("align", "align_eval"):  # Reads tiny clip and dino runs beside it.
+    config = agriclip.get_config("demo,stage=align")
+    config.requires = [dict(workdir="{workdir}/../clip", config="tests/tiny_config.py:kind=clip"),
+                       dict(workdir="{workdir}/../dino", config="tests/tiny_config.py:kind=dino")]
+    if options.kind == "align_eval":
+      config.requires = []
+      config.align.aligner_workdir = "{workdir}/../align"
+    config.input.dataset = "agri_synthetic/small"
+    config.input.batch_size = 16
+    config.eval_batch_size = 32
+    return config
   elif options.kind == "mixture":  # The ALive and iNaturalist fixtures of test_builders.
     config = alive_clip.get_config("demo")
     config.input.mixture = [
@@ -38,6 +57,10 @@ def get_config(arg=None):
   config.input.num_threads = 2
   config.eval_batch_size = 32
   config.model.img.update(TOWER, patch_size=8)
+  if "dino" in config:
+    config.dino.update(global_size=32, local_size=16, num_local=2)
+    head = config.model.get("head") or config.model.get("dino_head")
+    head.update(out_dim=64, hidden_dim=32, bottleneck_dim=16)
   if "txt" in config.model:
     config.model.txt.update(TOWER)
     config.model.out_dim = 32

@@ -19,6 +19,7 @@ from agriclip_jax.input.tokenizer import Tokenizer
 # type -> module defining `default_config()` and `Evaluator(name, config, context)`.
 REGISTRY = {
     "classification": "agriclip_jax.evaluators.classification",
+    "knn": "agriclip_jax.evaluators.knn",
     "zeroshot": "agriclip_jax.evaluators.zeroshot",
 }
 

@@ -97,6 +97,28 @@ class TrainTransform:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class MultiCropTransform:
+  """DINO's views of each image: `global_0`, `global_1`, `local_0`... (see
+  preprocess.dino_crops); with `also`, that transform's outputs too (joint training)."""
+  crops: tuple[preprocess.Crop, ...]
+  image_key: str = "image"
+  blur_reference: int = 224
+  also: Callable[[dict[str, Any], np.random.Generator], dict[str, Any]] | None = None
+
+  def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    views = image_of(example, self.image_key, lambda data: preprocess.multi_crop(
+        data, self.crops, rng, self.blur_reference))
+    out = {crop_name(i): view for i, view in enumerate(views)}
+    if self.also is not None:
+      out.update(self.also(example, rng))
+    return out
+
+
+def crop_name(index: int) -> str:
+  return f"global_{index}" if index < 2 else f"local_{index - 2}"
+
+
 def feature(example: dict[str, Any], key: str):
   """example["a"]["b"] for key "a/b"."""
   value = example

@@ -6,12 +6,16 @@ decoded at the smallest power-of-two reduction that still covers the crop (PIL `
 crop + resize is one PIL call with a source box.
 """
 
+import dataclasses
 import io
 import math
 
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+from PIL import ImageEnhance
+from PIL import ImageFilter
+from PIL import ImageOps
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -89,3 +93,64 @@ def normalize(images, mean=CLIP_MEAN, std=CLIP_STD, dtype=jnp.float32):
   mean = jnp.asarray(mean, jnp.float32) * 255
   std = jnp.asarray(std, jnp.float32) * 255
   return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Crop:
+  """One DINO view: a random resized crop, flipped, colour-jittered, maybe blurred/solarised."""
+  size: int
+  scale: tuple[float, float]
+  blur: float  # Probability of a Gaussian blur.
+  solarize: float = 0.0  # Probability of solarisation.
+
+
+# DINO's views: two global crops (blurred always / rarely, the second maybe solarised) and
+# local crops. Sizes are set by the config.
+def dino_crops(global_size: int, local_size: int, num_local: int,
+               global_scale=(0.4, 1.0), local_scale=(0.05, 0.4)) -> tuple[Crop, ...]:
+  return ((Crop(global_size, tuple(global_scale), blur=1.0),
+           Crop(global_size, tuple(global_scale), blur=0.1, solarize=0.2))
+          + tuple(Crop(local_size, tuple(local_scale), blur=0.5) for _ in range(num_local)))
+
+
+def _jitter(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+  """Brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1 (with p=0.8), grey (p=0.2)."""
+  if rng.uniform() < 0.8:
+    for enhance, strength in ((ImageEnhance.Brightness, 0.4), (ImageEnhance.Contrast, 0.4),
+                              (ImageEnhance.Color, 0.2)):
+      image = enhance(image).enhance(rng.uniform(1 - strength, 1 + strength))
+    shift = int(rng.uniform(-0.1, 0.1) * 255)
+    if shift:
+      h, s, v = image.convert("HSV").split()
+      h = h.point(lambda x: (x + shift) % 256)
+      image = Image.merge("HSV", (h, s, v)).convert("RGB")
+  if rng.uniform() < 0.2:
+    image = ImageOps.grayscale(image).convert("RGB")
+  return image
+
+
+def multi_crop(data: bytes, crops: tuple[Crop, ...], rng: np.random.Generator,
+               blur_reference: int = 224) -> list[np.ndarray]:
+  """Each of `crops` of one image (decoded once), uint8 [size, size, 3] each.
+
+  Blur radii are DINO's (0.1 to 2 px) at `blur_reference` pixels, scaled to each crop's size.
+  """
+  image = open_image(data)
+  try:
+    image = image.convert("RGB")
+  except Exception as e:  # Truncated data surfaces when pixels are read.
+    raise CorruptImageError(f"cannot decode image ({type(e).__name__}: {e})") from None
+  out = []
+  for crop in crops:
+    box = random_resized_crop_box(*image.size, rng, scale=crop.scale)
+    view = image.resize((crop.size, crop.size), Image.BICUBIC, box=box)
+    if rng.uniform() < 0.5:
+      view = ImageOps.mirror(view)
+    view = _jitter(view, rng)
+    if rng.uniform() < crop.blur:
+      radius = rng.uniform(0.1, 2.0) * crop.size / blur_reference
+      view = view.filter(ImageFilter.GaussianBlur(radius))
+    if rng.uniform() < crop.solarize:
+      view = ImageOps.solarize(view, threshold=128)
+    out.append(np.asarray(view, dtype=np.uint8))
+  return out

@@ -7,6 +7,7 @@ pools.
 """
 
 import glob
+import json
 import os
 from typing import Iterable, Sequence
 
@@ -52,6 +53,21 @@ class Tokenizer:
     special = {0, self.eot_id, self.sot_id}
     return self.tokenizer.decode([int(i) for i in ids if int(i) not in special])
 
+  def save(self, directory: str) -> None:
+    """tokenizer.json + tokenizer_layout.json in `directory` (what `load` reads back)."""
+    os.makedirs(directory, exist_ok=True)
+    self.tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_layout.json"), "w") as f:
+      json.dump({"max_len": self.max_len, "eot_id": self.eot_id, "sot_id": self.sot_id}, f)
+
+
+def load(directory: str) -> Tokenizer:
+  """The tokenizer a run saved with `Tokenizer.save`."""
+  with open(os.path.join(directory, "tokenizer_layout.json")) as f:
+    layout = json.load(f)
+  return Tokenizer(tokenizers.Tokenizer.from_file(os.path.join(directory, "tokenizer.json")),
+                   **layout)
+
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
   """A byte-level, lower-casing BPE tokenizer with ids 0, 1, 2 = pad, eot, sot."""
@@ -93,7 +109,6 @@ def from_pretrained(path: str, max_len: int) -> Tokenizer:
 
 
 def _special_tokens_from_config(path: str) -> dict:
-  import json  # pylint: disable=g-import-not-at-top
   out = {}
   for name in ("special_tokens_map.json", "tokenizer_config.json"):
     for p in glob.glob(os.path.join(path, name)):

@@ -9,6 +9,9 @@ from agriclip_jax import config_lib
 TRAINERS = {
     "contrastive": "agriclip_jax.trainers.contrastive",
     "supervised": "agriclip_jax.trainers.supervised",
+    "dino": "agriclip_jax.trainers.dino",
+    "align": "agriclip_jax.trainers.align",
+    "ssl_contrastive": "agriclip_jax.trainers.ssl_contrastive",
 }
 
 

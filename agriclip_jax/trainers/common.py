@@ -28,8 +28,8 @@ from agriclip_jax.trainers import state as state_lib
 # Per-dataset fields of config.input; each entry of config.input.mixture may set them.
 COMPONENT_FIELDS = ("dataset", "split", "weight", "image_key", "text_key", "text_choice",
                     "label_key")
-# Fields a config.init stage inherits from the run that needs it (same data, same devices).
-INHERITED_BY_INIT_STAGE = (("input", "data_dir"), ("mesh",), ("input", "num_threads"))
+# Fields a required run inherits from the run that needs it (same data, same devices).
+INHERITED_BY_REQUIRED_RUNS = (("input", "data_dir"), ("mesh",), ("input", "num_threads"))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -69,15 +69,19 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim = dict(
       name="adamw", lr=1e-3, schedule="cosine", warmup_steps=0, end_lr_factor=0.0,
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, decay_regex=".*/kernel",
-      clip_norm=1.0, rules=[(".*", {})])
+      clip_norm=1.0, clip_mode="global", rules=[(".*", {})])
+  # None: constant decay; else a cosine from weight_decay to this (DINO: 0.04 -> 0.4).
+  config.optim.weight_decay_end = ml_collections.FieldReference(None, field_type=float)
   config.evals = ml_collections.ConfigDict()
   config.eval_batch_size = 0  # 0 = input.batch_size
   config.init = dict(
       workdir="",  # Copy parameters from this run's latest checkpoint ({workdir} allowed).
-      config="",  # If that run has no checkpoint yet, train it first with this config.
       params=".*",  # Regex: which of its parameters to copy...
       skip="",  # ...and which not.
   )
+  # Runs this one needs, trained first when unfinished: [dict(workdir=..., config=...)],
+  # e.g. the image tower LiT locks, or the CLIP and DINO runs an alignment reads.
+  config.requires = []
   return config
 
 
@@ -135,25 +139,26 @@ def finished(config, workdir: str) -> dict[str, Any] | None:
   return summary
 
 
-def run_init_stage(config, workdir: str) -> None:
-  """Trains the run `config.init` copies from, if this run has not started and it is needed.
+def run_requirements(config, workdir: str) -> None:
+  """Trains the runs in `config.requires` that are unfinished, unless this one has started.
 
-  The stage uses its own config, but inherits the data directory, mesh and input threads of
-  this run (INHERITED_BY_INIT_STAGE), so command-line choices about where and how to run
-  apply to it too.
+  Each runs with its own config, but inherits this run's data directory, mesh and input
+  threads (INHERITED_BY_REQUIRED_RUNS), so choices about where and how to run apply to it.
   """
-  if not config.init.config or state_lib.latest_step(os.path.join(workdir, "checkpoints")):
+  if not config.requires or state_lib.latest_step(os.path.join(workdir, "checkpoints")):
     return
   from agriclip_jax import trainers  # pylint: disable=g-import-not-at-top  (cycle)
-  stage_workdir = config_lib.expand_path(config.init.workdir, workdir)
-  stage = config_lib.load(config.init.config)
-  for path in INHERITED_BY_INIT_STAGE:
-    source, target = config, stage
-    for key in path[:-1]:
-      source, target = source[key], target[key]
-    target[path[-1]] = source[path[-1]]
-  logging.info("Preparing config.init: %s -> %s", config.init.config, stage_workdir)
-  trainers.run(stage, stage_workdir)
+  for i, entry in enumerate(config.requires):
+    config_lib.check_keys(entry, ("workdir", "config"), f"requires[{i}]")
+    required_workdir = config_lib.expand_path(entry["workdir"], workdir)
+    required = config_lib.load(entry["config"])
+    for path in INHERITED_BY_REQUIRED_RUNS:
+      source, target = config, required
+      for key in path[:-1]:
+        source, target = source[key], target[key]
+      target[path[-1]] = source[path[-1]]
+    logging.info("Required run: %s -> %s", entry["config"], required_workdir)
+    trainers.run(required, required_workdir)
 
 
 def train_step(objective: Callable, tx, labels: dict[str, str], lr_schedule: Callable):
@@ -179,11 +184,9 @@ def train_step(objective: Callable, tx, labels: dict[str, str], lr_schedule: Cal
   return step
 
 
-def jit_train_step(objective: Callable, tx, lr_schedule: Callable, spec: state_lib.StateSpec,
-                   mesh: jax.sharding.Mesh):
+def jit_step(step: Callable, spec: state_lib.StateSpec, mesh: jax.sharding.Mesh):
   """The jitted, sharded step: state donated, batch split over the batch axes."""
-  return jax.jit(train_step(objective, tx, spec.labels, lr_schedule),
-                 in_shardings=(spec.shardings, sharding.batch_sharding(mesh)),
+  return jax.jit(step, in_shardings=(spec.shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(spec.shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
@@ -223,7 +226,7 @@ class Setup:
   def create(cls, config, workdir: str, feature_keys=("image_key",)) -> "Setup":
     """`feature_keys` are the component fields naming features the trainer reads."""
     check_values(config)
-    run_init_stage(config, workdir)
+    run_requirements(config, workdir)
     mesh = sharding.make_mesh(config.mesh)
     sharding.batch_size_per_shard(mesh, config.input.batch_size)
     sources = []
@@ -243,24 +246,24 @@ class Setup:
                            f"{c['weight']})" for b, s, c in sources))
     return cls(config, workdir, mesh, sharding.batch_sharding(mesh), sources, writer)
 
-  def state_spec(self, model_init: Callable[[jax.Array], Any]):
+  def state_spec(self, model_init: Callable[[jax.Array], Any], **spec_kwargs):
     """(StateSpec, optimizer, lr schedule) for a model, per `config.optim`."""
     config = self.config
     params_shape = jax.eval_shape(model_init, jax.random.key(0))
     tx, labels, lr_schedule = optim.make(config.optim, params_shape, config.total_steps)
     spec = state_lib.make_spec(model_init, tx, labels, self.mesh, config.sharding_rules,
-                               config.seed, config.fsdp_min_size)
+                               config.seed, config.fsdp_min_size, **spec_kwargs)
     sizes = {path: int(np.prod(x.shape)) for path, x in optim.flatten(params_shape).items()}
     frozen = sum(n for path, n in sizes.items() if labels[path] == optim.FROZEN)
     logging.info("Parameters: %s total, %s trainable, %s frozen", f"{sum(sizes.values()):,}",
                  f"{sum(sizes.values()) - frozen:,}", f"{frozen:,}")
     return spec, tx, lr_schedule
 
-  def run(self, spec, objective, tx, lr_schedule, make_transform: Callable[[dict], Any],
+  def run(self, spec, step: Callable, make_transform: Callable[[dict], Any],
           encode_images, encode_texts=None, tokenizer=None) -> dict[str, Any]:
-    """Compiles the step, builds the data iterator and evaluators, and runs the loop.
-
-    `make_transform(component)` is the per-example training transform of one dataset.
+    """Compiles `step(state, batch) -> (state, metrics)`, builds the data iterator and the
+    evaluators, and runs the loop. `make_transform(component)` is one dataset's per-example
+    training transform; evaluators see `state[spec.eval_key]` as their parameters.
     """
     config = self.config
     rows = pipeline.rows_of_process(self.batch_sharding, config.input.batch_size)
@@ -268,8 +271,8 @@ class Setup:
         [(source, make_transform(c), c["weight"]) for _, source, c in self.sources], rows,
         config.seed, config.input.num_threads, config.input.worker_count)
     context = evaluators.Context(
-        mesh=self.mesh, params_sharding=spec.shardings["params"],
-        params_abstract=spec.abstract["params"], encode_images=encode_images,
+        mesh=self.mesh, params_sharding=spec.shardings[spec.eval_key],
+        params_abstract=spec.abstract[spec.eval_key], encode_images=encode_images,
         encode_texts=encode_texts, tokenizer=tokenizer,
         dataset=self.sources[0][2]["dataset"], data_dir=config.input.data_dir or None,
         image_size=config.input.image_size,
@@ -277,7 +280,7 @@ class Setup:
         num_threads=config.input.num_threads)
     loop = loop_lib.Loop(
         config=config, workdir=self.workdir, spec=spec,
-        train_step=jit_train_step(objective, tx, lr_schedule, spec, self.mesh),
+        train_step=jit_step(step, spec, self.mesh),
         train_iter=train_iter, batch_sharding=self.batch_sharding,
         evaluators=evaluators.build(config.evals, context, config.eval_every),
         writer=self.writer)

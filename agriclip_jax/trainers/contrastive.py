@@ -67,6 +67,8 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     return done
   setup = common.Setup.create(config, workdir, feature_keys=("image_key", "text_key"))
   tokenizer = common.make_tokenizer(config, setup.sources)
+  if jax.process_index() == 0:
+    tokenizer.save(workdir)  # Later stages (alignment, prediction) encode text with it.
   model = two_towers.make(config.model, vocab_size=tokenizer.vocab_size)
   image_size, text_len = config.input.image_size, config.tokenizer.max_len
 
@@ -92,5 +94,6 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   def encode_texts(params, tokens):
     return model.apply({"params": params}, None, tokens)[1]
 
-  return setup.run(spec, objective, tx, lr_schedule, make_transform, encode_images,
+  return setup.run(spec, common.train_step(objective, tx, spec.labels, lr_schedule),
+                   make_transform, encode_images,
                    encode_texts, tokenizer)

@@ -114,7 +114,7 @@ class Loop:
     for name, every, evaluator in self.evaluators:
       if due(every):
         start = time.time()
-        for key, value in evaluator.run(state["params"]).items():
+        for key, value in evaluator.run(state[self.spec.eval_key]).items():
           results[f"{name}/{key}"] = value
         results[f"{name}/seconds"] = time.time() - start
     return self.writer.write(step, results) if results else results

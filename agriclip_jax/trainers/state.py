@@ -5,12 +5,14 @@ parameters (see `optim.split`). `rng` holds raw uint32 key data so checkpoints s
 """
 
 import dataclasses
+import json
 import os
 from typing import Any, Callable
 
 from absl import logging
 import jax
 import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
 
 from agriclip_jax import checkpointing
@@ -26,31 +28,39 @@ class StateSpec:
   shardings: Any
   abstract: Any  # ShapeDtypeStructs with shardings (restore target)
   labels: dict[str, str]  # parameter path -> optimizer group or "frozen"
+  eval_key: str = "params"  # The state entry evaluators use (DINO: "teacher").
 
 
 def make_spec(model_init: Callable[[jax.Array], Any], tx, labels, mesh, rules, seed: int,
-              fsdp_min_size: int = 2**14) -> StateSpec:
-  """`model_init(rng) -> params`; `tx` works on the trainable sub-tree given by `labels`."""
+              fsdp_min_size: int = 2**14,
+              extra_state: Callable[[Any], dict[str, Any]] | None = None,
+              eval_key: str = "params") -> StateSpec:
+  """`model_init(rng) -> params`; `tx` works on the trainable sub-tree given by `labels`.
+
+  `extra_state(params)` adds entries (a DINO teacher, its center): each leaf is sharded like
+  the parameter whose path it ends with, else like a large fsdp array or replicated.
+  """
 
   def init():
     rng = jax.random.key(seed)
     params = model_init(jax.random.fold_in(rng, 0))
     trainable, _ = optim.split(params, labels)
     # Training draws fold_in(state rng, step): a stream apart from the initialisation's.
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": tx.init(trainable),
-            "rng": jax.random.key_data(jax.random.fold_in(rng, 1))}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "opt_state": tx.init(trainable),
+             "rng": jax.random.key_data(jax.random.fold_in(rng, 1))}
+    state.update(extra_state(params) if extra_state else {})
+    return state
 
   shape = jax.eval_shape(init)
   params_sharding = sharding.param_shardings(mesh, shape["params"], rules, fsdp_min_size)
-  shardings = {
-      "step": sharding.replicated(mesh), "rng": sharding.replicated(mesh),
-      "params": params_sharding,
-      "opt_state": sharding.follow_params(mesh, shape["opt_state"], shape["params"],
-                                          params_sharding, fsdp_min_size),
-  }
+  shardings = {key: sharding.follow_params(mesh, value, shape["params"], params_sharding,
+                                           fsdp_min_size)
+               for key, value in shape.items() if key not in ("step", "rng", "params")}
+  shardings.update(step=sharding.replicated(mesh), rng=sharding.replicated(mesh),
+                   params=params_sharding)
   return StateSpec(jax.jit(init, out_shardings=shardings), shardings,
-                   checkpointing.abstract(shape, shardings), labels)
+                   checkpointing.abstract(shape, shardings), labels, eval_key)
 
 
 def latest_step(directory: str) -> int | None:
@@ -94,3 +104,33 @@ def load_params(init_config, state, spec: StateSpec, workdir: str):
   loaded = flatten(loaded["params"])
   logging.info("Initialised %d of %d parameter arrays from %s", len(loaded), len(target), path)
   return {**state, "params": unflatten({**flatten(state["params"]), **loaded})}, set(loaded)
+
+
+def run_config(workdir: str):
+  """The config another run saved as `config.json` in its workdir."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise config_lib.ConfigError(f"{workdir} holds no config.json: is it a training run's "
+                                 "workdir?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_entry(workdir: str, entry: str, target_sharding) -> tuple[Any, int]:
+  """(one entry of a run's latest checkpoint, e.g. "params" or "teacher", its step), each
+  array placed with `target_sharding` (e.g. replicated, for evaluation)."""
+  directory = os.path.join(workdir, "checkpoints")
+  step = latest_step(directory)
+  if step is None:
+    raise config_lib.ConfigError(f"{workdir} has no checkpoint")
+  path = os.path.join(directory, str(step), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  stored = checkpointer.metadata(path).item_metadata.tree
+  if entry not in stored:
+    raise config_lib.ConfigError(f"{path} has no {entry!r} (it has {sorted(stored)})")
+  item = {entry: jax.tree.map(lambda m: jax.ShapeDtypeStruct(
+      tuple(m.shape), m.dtype, sharding=target_sharding), stored[entry])}
+  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), item)
+  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=True))
+  return restored[entry], step

@@ -64,4 +64,5 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   def encode_images(params, images):
     return model.apply({"params": params}, normalize(images))
 
-  return setup.run(spec, objective, tx, lr_schedule, make_transform, encode_images)
+  return setup.run(spec, common.train_step(objective, tx, spec.labels, lr_schedule),
+                   make_transform, encode_images)

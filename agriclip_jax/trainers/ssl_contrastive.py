@@ -1,0 +1,134 @@
+"""Joint self-supervised + contrastive training: `config.trainer = "ssl_contrastive"`.
+
+One image tower learns from both losses on the same batch: the image-text contrastive loss
+(CLIP/SigLIP, as in `contrastive.py`) and DINO's self-distillation loss on multi-crop views of
+the same images (a DINO head on the image tower's pooled features, an EMA teacher of tower +
+head, centering, temperatures and schedules as in `dino.py`). Each loss has its own weight
+schedule: `loss_weights.<loss> = dict(start=..., end=...)`, a cosine over the run.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from agriclip_jax import optim
+from agriclip_jax.input import pipeline
+from agriclip_jax.input import preprocess
+from agriclip_jax.losses import dino as dino_loss
+from agriclip_jax.models import dino as dino_model
+from agriclip_jax.models import two_towers
+from agriclip_jax.models import vit
+from agriclip_jax.pytree import flatten, unflatten
+from agriclip_jax.trainers import common
+from agriclip_jax.trainers import contrastive
+from agriclip_jax.trainers import dino
+
+OPEN_FIELDS = ("evals", "model.img", "model.txt", "model.dino_head")
+TEACHER_PARTS = ("img", "dino_head")  # What the EMA teacher holds.
+
+
+def default_config() -> ml_collections.ConfigDict:
+  config = contrastive.default_config()
+  config.trainer = "ssl_contrastive"
+  config.model.dino_head = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256,
+                                num_layers=3, norm_last_layer=True)
+  config.dino = dino.dino_fields()
+  config.loss_weights = dict(contrastive=dict(start=1.0, end=1.0),
+                             dino=dict(start=1.0, end=1.0))
+  return config
+
+
+def train(config: ml_collections.ConfigDict, workdir: str):
+  done = common.finished(config, workdir)
+  if done is not None:
+    return done
+  setup = common.Setup.create(config, workdir, feature_keys=("image_key", "text_key"))
+  tokenizer = common.make_tokenizer(config, setup.sources)
+  if jax.process_index() == 0:
+    tokenizer.save(workdir)
+  towers = two_towers.make(config.model, vocab_size=tokenizer.vocab_size)
+  image_tower = vit.Model(**towers.image)  # The `img` tower alone, for the views.
+  head = dino_model.Head(**config.model.dino_head)
+  d, image_size, text_len = config.dino, config.input.image_size, config.tokenizer.max_len
+
+  def model_init(rng):
+    params = towers.init(rng, jnp.zeros((1, image_size, image_size, 3)),
+                         jnp.zeros((1, text_len), jnp.int32))["params"]
+    features = jnp.zeros((1, towers.image["width"]))
+    params["dino_head"] = head.init(jax.random.fold_in(rng, 1), features)["params"]
+    return params
+
+  def extra_state(params):
+    return {"teacher": {k: jax.tree.map(jnp.copy, params[k]) for k in TEACHER_PARTS},
+            "center": jnp.zeros((config.model.dino_head.out_dim,), jnp.float32)}
+
+  spec, tx, lr_schedule = setup.state_spec(model_init, extra_state=extra_state)
+  normalize = functools.partial(preprocess.normalize, mean=config.input.mean,
+                                std=config.input.std)
+  contrastive_objective = contrastive.make_objective(towers, config.loss, normalize)
+  weights = {k: optim.cosine(w.start, w.end, config.total_steps)
+             for k, w in config.loss_weights.items()}
+  teacher_temp = optim.warmup_then_constant(d.warmup_teacher_temp, d.teacher_temp,
+                                            d.warmup_teacher_temp_steps)
+  momentum = optim.cosine(d.teacher_momentum, d.teacher_momentum_end, config.total_steps)
+
+  def views_logits(parts, images, rng=None):
+    _, out = image_tower.apply({"params": parts["img"]}, normalize(images),
+                               train=rng is not None,
+                               rngs={} if rng is None else {"dropout": rng})
+    return head.apply({"params": parts["dino_head"]}, out["pre_logits"].astype(jnp.float32))
+
+  def step(state, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    global_views, local_views = dino.views(batch, d.num_local)
+    teacher = jnp.split(views_logits(state["teacher"], global_views), 2)
+    temp = teacher_temp(state["step"])
+    w_contrastive, w_dino = (weights[k](state["step"]) for k in ("contrastive", "dino"))
+    trainable, frozen = optim.split(state["params"], spec.labels)
+
+    def objective(t):
+      params = optim.merge(t, frozen)
+      loss_c, metrics = contrastive_objective(
+          {k: v for k, v in params.items() if k != "dino_head"}, batch, rng)
+      outputs = dino.student_outputs(lambda p, x, r: views_logits(p, x, r), params,
+                                     global_views, local_views, d.num_local, rng)
+      loss_d = dino_loss.loss(outputs, teacher, state["center"], d.student_temp, temp)
+      metrics.update({"loss/contrastive": loss_c, "loss/dino": loss_d})
+      return w_contrastive * loss_c + w_dino * loss_d, metrics
+
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+    frozen_head = state["step"] < d.freeze_last_layer_steps
+    updates = unflatten({k: jnp.where(frozen_head, 0.0, u) if "last_layer/" in k else u
+                         for k, u in flatten(updates).items()})
+    params = optim.merge(optax.apply_updates(trainable, updates), frozen)
+    m = momentum(state["step"])
+    new_teacher = dino_loss.ema(state["teacher"], {k: params[k] for k in TEACHER_PARTS}, m)
+    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), lr=lr_schedule(state["step"]),
+                   teacher_temp=temp, teacher_momentum=m,
+                   **{"weight/contrastive": w_contrastive, "weight/dino": w_dino})
+    return dict(state, step=state["step"] + 1, params=params, opt_state=opt_state,
+                teacher=new_teacher,
+                center=dino_loss.update_center(state["center"], teacher, d.center_momentum)
+                ), metrics
+
+  crops = preprocess.dino_crops(d.global_size, d.local_size, d.num_local, d.global_scale,
+                                d.local_scale)
+
+  def make_transform(component):
+    return pipeline.MultiCropTransform(crops, image_key=component["image_key"],
+                                       also=pipeline.TrainTransform(
+        image_size=image_size, tokenize=tokenizer.encode, image_key=component["image_key"],
+        text_key=component["text_key"], text_choice=component["text_choice"],
+        crop_scale=tuple(config.input.crop_scale), flip=config.input.flip))
+
+  def encode_images(params, images):
+    return towers.apply({"params": params}, normalize(images), None)[0]
+
+  def encode_texts(params, tokens):
+    return towers.apply({"params": params}, None, tokens)[1]
+
+  return setup.run(spec, step, make_transform, encode_images, encode_texts, tokenizer)

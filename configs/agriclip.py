@@ -1,0 +1,65 @@
+"""AgriCLIP's pipeline: CLIP on ALive, DINO on ALive images, DINO -> CLIP alignment, eval.
+
+The stages live side by side under one root R; each reads the previous stages' output there:
+
+  python launch.py --config configs/agriclip.py:stage=clip  --workdir R/clip
+  python launch.py --config configs/agriclip.py:stage=dino  --workdir R/dino
+  python launch.py --config configs/agriclip.py:stage=align --workdir R/align
+  python launch.py --config configs/agriclip.py:stage=eval  --workdir R/eval
+
+A stage runs the stages it reads first if they are unfinished (config.requires), so the eval
+stage alone runs everything. The demo does that on the synthetic dataset in minutes:
+
+  python launch.py --config configs/agriclip.py:demo --workdir /tmp/agriclip/eval
+
+  reaching, on the 12 held-out classes (chance 0.083): RESULT.
+
+Options: stage=clip|dino|align|eval (default eval), demo, tasks=<comma-separated
+agri_downstream tasks the eval stage scores, default all of the registry>.
+"""
+
+from agriclip_jax import config_lib
+from agriclip_jax.evaluators import base as evaluators
+from agriclip_jax.trainers import align
+from configs import alive_clip
+from configs import alive_dino
+
+STAGES = ("clip", "dino", "align", "eval")
+
+
+def get_config(arg=None):
+  options = config_lib.parse_arg(arg, stage="eval", demo=False, tasks="")
+  if options.stage not in STAGES:
+    raise config_lib.ConfigError(f"stage={options.stage!r}; expected one of {STAGES}")
+  demo = "demo" if options.demo else None
+  if options.stage == "clip":
+    return alive_clip.get_config(demo)
+  if options.stage == "dino":
+    return alive_dino.get_config(demo)
+  config = align.default_config()
+  this = f"configs/agriclip.py:stage={{}}{',demo' if options.demo else ''}"
+  if options.stage == "align":
+    config.requires = [dict(workdir="{workdir}/../clip", config=this.format("clip")),
+                       dict(workdir="{workdir}/../dino", config=this.format("dino"))]
+  else:  # eval: the align stage's aligner, on the evaluation datasets.
+    config.requires = [dict(workdir="{workdir}/../align", config=this.format("align"))]
+    config.align.aligner_workdir = "{workdir}/../align"
+  if options.demo:
+    config.input.dataset = "agri_synthetic"
+    config.input.batch_size = 64
+    config.align.heldout_split = "test"
+    config.evals.heldout = evaluators.make("zeroshot", split="heldout", classes="present")
+    config.evals.test = evaluators.make("zeroshot", split="test", classes="present")
+  else:
+    config.input.dataset = "alive"
+    config.input.batch_size = 256
+    config.align.heldout_split = "validation"
+    if options.stage == "eval":
+      from data.agri_downstream import registry  # pylint: disable=g-import-not-at-top
+      tasks = options.tasks.split(",") if options.tasks else [t.name for t in registry.TASKS]
+      for task in tasks:
+        config.evals[task] = evaluators.make("zeroshot", dataset=f"agri_downstream/{task}",
+                                             split="test")
+    else:
+      config.evals.val = evaluators.make("zeroshot", split="validation")
+  return config
