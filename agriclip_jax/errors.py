@@ -7,7 +7,8 @@ from agriclip_jax.input.preprocess import CorruptImageError
 from agriclip_jax.trainers.loop import NonFiniteError, Preempted
 from data.builder_utils import InputError
 
+__all__ = ["ConfigError", "Preempted", "USER_ERRORS"]
+
 USER_ERRORS = (CheckpointMismatchError, ConfigError, CorruptImageError, DatasetError,
                InputError, NonFiniteError, FileNotFoundError)
 
-__all__ = ["USER_ERRORS", "Preempted"]

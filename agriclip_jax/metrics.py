@@ -38,6 +38,10 @@ class Writer:
       self._jsonl.flush()
     return scalars
 
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    """[batch, height, width, 3] uint8 images (TensorBoard)."""
+    self.clu.write_images(step, images)
+
   def hparams(self, flat_config: Mapping[str, Any]) -> None:
     self.clu.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
                             for k, v in flat_config.items()})

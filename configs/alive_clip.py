@@ -34,15 +34,7 @@ def get_config(arg=None):
   if options.demo:
     demo(config)
   else:
-    config.input.dataset = "alive"
-    config.input.batch_size = 1024
-    config.total_steps = 20_000
-    config.model.img = dict(variant=options.img, pool_type="tok", head=True)
-    config.model.txt = dict(variant=options.txt, head=True)
-    config.model.out_dim = 512
-    config.model.logit_scale_init = 1 / 0.07
-    config.optim.update(lr=5e-4, warmup_steps=1000, weight_decay=0.2, b2=0.98, eps=1e-6)
-    config.evals.val = evaluators.make("zeroshot", split="validation")
+    alive_recipe(config, options.img, options.txt)
   if options.inat:
     add_inaturalist(config, options.inat)
   if options.batch:
@@ -50,6 +42,19 @@ def get_config(arg=None):
   if options.steps:
     config.total_steps = options.steps
   return config
+
+
+def alive_recipe(config, img: str, txt: str) -> None:
+  """CLIP on ALive: both towers from scratch, open_clip-like hyperparameters."""
+  config.input.dataset = "alive"
+  config.input.batch_size = 1024
+  config.total_steps = 20_000
+  config.model.img = dict(variant=img, pool_type="tok", head=True)
+  config.model.txt = dict(variant=txt, head=True)
+  config.model.out_dim = 512
+  config.model.logit_scale_init = 1 / 0.07
+  config.optim.update(lr=5e-4, warmup_steps=1000, weight_decay=0.2, b2=0.98, eps=1e-6)
+  config.evals.val = evaluators.make("zeroshot", split="validation")
 
 
 def demo(config):

@@ -18,8 +18,8 @@ dino_end=... (DINO loss weight schedule).
 """
 
 from agriclip_jax import config_lib
-from agriclip_jax.evaluators import base as evaluators
 from agriclip_jax.trainers import ssl_contrastive
+from configs import alive_clip
 from configs import demo_common
 
 
@@ -35,15 +35,8 @@ def get_config(arg=None):
     config.dino.update(global_size=64, local_size=32, num_local=2, teacher_momentum=0.99,
                        freeze_last_layer_steps=50)
   else:
-    config.input.dataset = "alive"
-    config.input.batch_size = 1024
-    config.total_steps = 20_000
-    config.model.img = dict(variant=options.img, pool_type="tok", head=True)
-    config.model.txt = dict(variant=options.txt, head=True)
-    config.model.logit_scale_init = 1 / 0.07
-    config.optim.update(lr=5e-4, warmup_steps=1000, weight_decay=0.2, b2=0.98, eps=1e-6)
+    alive_clip.alive_recipe(config, options.img, options.txt)
     config.dino.freeze_last_layer_steps = 500
-    config.evals.val = evaluators.make("zeroshot", split="validation")
   if options.batch:
     config.input.batch_size = options.batch
   if options.steps:

@@ -201,6 +201,13 @@ def test_dino_and_joint_runs_end_to_end(data_dir, tmp_path):
   logged = [r for r in metrics_lib.read_jsonl(str(tmp_path / "dino")) if "loss" in r][-1]
   for key in ("teacher/entropy", "teacher_momentum", "teacher_temp", "weight_decay"):
     assert key in logged
+  # Unfrozen after 4 steps, the last layer trains and the teacher's trails it.
+  result = launch(str(tmp_path / "dino_unfrozen"), "tests/tiny_config.py:kind=dino",
+                  "--config.dino.freeze_last_layer_steps=4", data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  state = ocp.PyTreeCheckpointer().restore(str(tmp_path / "dino_unfrozen/checkpoints/12/state"))
+  assert not np.allclose(state["params"]["head"]["last_layer"]["kernel"],
+                         state["teacher"]["head"]["last_layer"]["kernel"])
 
   result = launch(str(tmp_path / "joint"), "tests/tiny_config.py:kind=joint",
                   data_dir=data_dir)
@@ -233,3 +240,14 @@ def test_alignment_and_evaluation_stages_end_to_end(data_dir, tmp_path):
   assert "align/fit_r2" not in evaluated  # Nothing fitted: the align stage's aligner is used.
   for key in ("heldout/agriclip/top1", "heldout/mix/top1", "test/clip/top1"):
     assert evaluated[key] == summary[key], key
+
+
+def test_mixed_embeddings_score_the_weighted_sum_of_both_logits():
+  from agriclip_jax.trainers import align  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(7)
+  agri, clip_img, text = (rng.normal(size=(n, 5)) for n in (3, 3, 4))
+  for w in (0.0, 0.3, 1.0):
+    mixed = np.asarray(align.mix_image_embeddings(agri, clip_img, w)) @ np.asarray(
+        align.mix_text_embeddings(text)).T
+    np.testing.assert_allclose(mixed, (1 - w) * agri @ text.T + w * clip_img @ text.T,
+                               rtol=1e-5)

@@ -70,7 +70,7 @@ def test_alive_every_feature_of_every_image(alive):
       source, klass = raw["paths"][path]
       assert ex["captions"] == captions[path], path
       assert (ex["class_name"], ex["source"]) == (klass, source)
-      assert builder.info.features["label"].int2str(ex["label"]) == klass
+      assert builder.info.features["label"].int2str(ex["label"]) == f"{klass} ({source})"
       with open(os.path.join(root, path), "rb") as f:
         assert ex["image"] == f.read()  # JPEG and PNG bytes are kept as they are.
       seen[path] = builder.info.features["domain"].int2str(ex["domain"])
@@ -78,7 +78,16 @@ def test_alive_every_feature_of_every_image(alive):
   assert seen["Cow Breed/Jersey/j1.png"] == "livestock"
   assert seen["Banana Deficiency/boron/b1.jpg"] == "crop"
   assert seen["Marché aux poissons (fish market)/Dorade grise/d1.jpg"] == "fish"  # guessed
-  assert builder.info.features["label"].names == sorted({k for _, k in raw["paths"].values()})
+  assert builder.info.features["label"].names == sorted(
+      {f"{k} ({s})" for s, k in raw["paths"].values()})
+
+
+def test_domain_is_guessed_from_whole_words():
+  assert alive_lib.guess_domain("Marché aux poissons (fish market)") == "fish"
+  assert alive_lib.guess_domain("Cow Breed") == "livestock"
+  assert alive_lib.guess_domain("Horses of Spain") == "livestock"
+  assert alive_lib.guess_domain("Cowpea Diseases") == "crop"  # not "cow"
+  assert alive_lib.guess_domain("Deciduous trees") == "crop"  # not "cid"
 
 
 def test_alive_prompt_strategy_and_paraphrases(alive):
@@ -130,7 +139,11 @@ def test_alive_malformed_or_mismatched_table_is_one_line(tmp_path):
   (raw / "captions.csv").write_text("path_to_img,words\nCow Breed/Jersey/j2.jpg,a cow\n")
   builder, _ = prepare.prepare("alive", str(raw), str(tmp_path / "tfds"),
                                ["image_column=path_to_img", "caption_column=words"])
-  assert builder.info.full_name == "alive/custom/1.0.0"
+  assert builder.info.full_name.startswith("alive/default_")  # Named after its options.
+  again, _ = prepare.prepare("alive", str(raw), str(tmp_path / "tfds"),
+                             ["image_column=path_to_img", "caption_column=words",
+                              "validation_fraction=0.5"])
+  assert again.info.full_name != builder.info.full_name  # Other options: another dataset.
   paths = {ex["image_path"]: _decode(ex["captions"]) for s in builder.info.splits
            for ex in _examples(builder, s)}
   assert paths[b"Cow Breed/Jersey/j2.jpg"] == ["a cow"]

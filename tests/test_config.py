@@ -76,7 +76,7 @@ def _config_files():
     + [f"configs/agriclip.py:stage={s}{d}" for s in ("clip", "dino", "align", "eval")
        for d in ("", ",demo")]
     + [f"tests/tiny_config.py:kind={k}" for k in ("clip", "lit", "pretrain", "mixture", "dino",
-                                                  "joint", "align", "align_eval")]))
+                                                  "joint", "align", "align_eval", "eval")]))
 def test_shipped_configs_validate(spec):
   config = config_lib.load(spec.rstrip(":"))
   trainers.validate(config)

@@ -6,6 +6,7 @@
 from agriclip_jax import config_lib
 from agriclip_jax.evaluators import base as evaluators
 from configs import agriclip
+from configs import eval_suite
 from configs import alive_clip
 from configs import alive_dino
 from configs import alive_lit
@@ -29,6 +30,16 @@ def get_config(arg=None):
     config = alive_dino.get_config("demo")
   elif options.kind == "joint":
     config = alive_ssl_contrastive.get_config("demo")
+  elif options.kind == "eval":  # Checkpoints are set by the test.
+    config = eval_suite.get_config("demo")
+    config.input.dataset = "agri_synthetic/small"
+    config.input.batch_size = 32
+    config.datasets.test.taxonomy_prompts = True
+    config.datasets.test.max_train_examples = 360
+    # A downstream task: no captions, no taxonomy (its fixture is prepared by the test).
+    config.datasets.cows = eval_suite.eval_trainer.dataset_entry(
+        dataset="agri_downstream/cow_breed", train_split="train")
+    return config
   elif options.kind in ("align", "align_eval"):  # Reads tiny clip and dino runs beside it.
     config = agriclip.get_config("demo,stage=align")
     config.requires = [dict(workdir="{workdir}/../clip", config="tests/tiny_config.py:kind=clip"),

@@ -18,7 +18,6 @@ from agriclip_jax import config_lib
 from agriclip_jax import sharding
 from agriclip_jax.input import datasets
 from agriclip_jax.input import pipeline
-from agriclip_jax.input import preprocess
 
 
 def default_config() -> dict:
@@ -91,11 +90,10 @@ class Evaluator:
     del prepared
     return self.context.encode_images(params, images)[:, self.class_ids]
 
-  def _transform(self, example):
-    size = self.context.image_size
-    return {"image": pipeline.image_of(example, self.config.image_key,
-                                       lambda data: preprocess.eval_image(data, size)),
-            "label": np.int32(example[self.config.label_key])}
+  @property
+  def _transform(self):
+    return pipeline.EvalTransform(self.context.image_size, self.config.image_key,
+                                  self.config.label_key)
 
   def run(self, params) -> dict[str, float]:
     prepared = self.prepare(params)

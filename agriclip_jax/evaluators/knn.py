@@ -9,9 +9,9 @@ import numpy as np
 
 from agriclip_jax import config_lib
 from agriclip_jax.evaluators import embeddings
+from agriclip_jax.evaluators import metrics
 from agriclip_jax.input import datasets
 from agriclip_jax.input import pipeline
-from agriclip_jax.input import preprocess
 
 
 def default_config() -> dict:
@@ -54,11 +54,10 @@ class Evaluator:
     if config.k < 1:
       raise config_lib.ConfigError(f"evals.{name}.k must be at least 1")
 
-  def _transform(self, example):
-    size = self.context.image_size
-    return {"image": pipeline.image_of(example, self.config.image_key,
-                                       lambda data: preprocess.eval_image(data, size)),
-            "label": np.int32(example[self.config.label_key])}
+  @property
+  def _transform(self):
+    return pipeline.EvalTransform(self.context.image_size, self.config.image_key,
+                                  self.config.label_key)
 
   def run(self, params) -> dict[str, float]:
     bank = embeddings.embed_split(self.context, params, self.bank_source, self._transform,
@@ -68,16 +67,9 @@ class Evaluator:
     scores = knn_predict(_normalized(bank["embedding"]), bank["label"],
                          _normalized(test["embedding"]), self.num_classes, self.config.k,
                          self.config.temperature)
-    order = np.argsort(-scores, axis=1, kind="stable")
     labels = test["label"]
-    correct = order[:, 0] == labels
-    present = np.unique(labels)
-    return {"top1": float(np.mean(correct)),
-            "top5": float(np.mean(np.any(order[:, :5] == labels[:, None], axis=1))),
-            "mean_per_class_recall": float(np.mean([correct[labels == c].mean()
-                                                    for c in present])),
-            "num_classes": len(present), "num_examples": len(labels),
-            "bank_size": len(bank["label"])}
+    return {**metrics.classification(scores, labels), "num_classes": len(np.unique(labels)),
+            "num_examples": len(labels), "bank_size": len(bank["label"])}
 
 
 def _normalized(x):

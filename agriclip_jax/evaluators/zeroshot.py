@@ -58,15 +58,21 @@ class Evaluator(classification.Evaluator):
     """[classes, d] class embeddings: renormalised mean over templates, replicated."""
     texts = [t.format(c) for c in self.prompt_names for t in self.templates]
     tokens = self.context.tokenizer.encode(texts)
-    embeddings = embed_texts(self.context, params, tokens, self.batch_size)
-    embeddings /= np.linalg.norm(embeddings, axis=-1, keepdims=True)
-    embeddings = embeddings.reshape(len(self.class_names), len(self.templates), -1).mean(1)
-    embeddings /= np.linalg.norm(embeddings, axis=-1, keepdims=True)
+    embeddings = ensemble(embed_texts(self.context, params, tokens, self.batch_size),
+                          len(self.class_names), len(self.templates))
     return jax.device_put(embeddings, sharding.replicated(self.context.mesh))
 
   def scores(self, params, prepared, images):
     zimg = self.context.encode_images(params, images)
     return jax.numpy.einsum("bd,cd->bc", zimg, prepared, precision=jax.lax.Precision.HIGHEST)
+
+
+def ensemble(embeddings: np.ndarray, num_classes: int, num_templates: int) -> np.ndarray:
+  """[classes * templates, d] prompt embeddings (class-major) -> [classes, d]: each class the
+  renormalised mean of its normalised prompt embeddings."""
+  embeddings = embeddings / np.linalg.norm(embeddings, axis=-1, keepdims=True)
+  embeddings = embeddings.reshape(num_classes, num_templates, -1).mean(1)
+  return embeddings / np.linalg.norm(embeddings, axis=-1, keepdims=True)
 
 
 def embed_texts(context, params, tokens: np.ndarray, batch_size: int) -> np.ndarray:

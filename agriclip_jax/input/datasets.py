@@ -86,6 +86,8 @@ def data_source(b, split: str):
   if split not in b.info.splits:
     raise DatasetError(f"dataset {b.info.full_name} has no split {split!r}; it has "
                        f"{sorted(b.info.splits)}")
+  if not b.info.splits[split].num_examples:
+    raise DatasetError(f"split {split!r} of {b.info.full_name} is empty")
   image_features = [k for k, f in b.info.features.items()
                     if isinstance(f, tfds.features.Image)]
   return b.as_data_source(split=split, decoders={

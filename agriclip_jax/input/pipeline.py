@@ -119,6 +119,21 @@ def crop_name(index: int) -> str:
   return f"global_{index}" if index < 2 else f"local_{index - 2}"
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalTransform:
+  """Resize + centre crop, and the label if `label_key` is set (evaluation)."""
+  image_size: int
+  image_key: str = "image"
+  label_key: str | None = None
+
+  def __call__(self, example: dict[str, Any]) -> dict[str, Any]:
+    out = {"image": image_of(example, self.image_key,
+                             lambda data: preprocess.eval_image(data, self.image_size))}
+    if self.label_key is not None:
+      out["label"] = np.int32(feature(example, self.label_key))
+    return out
+
+
 def feature(example: dict[str, Any], key: str):
   """example["a"]["b"] for key "a/b"."""
   value = example

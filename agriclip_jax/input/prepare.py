@@ -6,13 +6,15 @@
   python -m agriclip_jax.input.prepare alive --manual_dir=... --option caption_column=text
 
 `--option key=value` sets a field of the builder's config (see each builder's docstring). TFDS
-keys a prepared dataset by config name, so options build a config named `--config_name`
-(default "custom"): train on it with `--config.input.dataset=alive/custom`. Shows progress,
+keys a prepared dataset by config name, so options build a config of their own, named
+`<config>_<hash of the options>` unless `--config_name` says otherwise; the command prints
+the name to train on (`--config.input.dataset=alive/default_3f2a9c1b`). Shows progress,
 then what was kept and skipped (listed in build_report.json beside the data). The same build
 runs with TFDS's own CLI: `tfds build data/alive --manual_dir=... --data_dir=...`.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -28,8 +30,9 @@ _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "The raw files.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None,
                                 "TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets).")
 _OPTIONS = flags.DEFINE_multi_string("option", [], "key=value builder config field.")
-_CONFIG_NAME = flags.DEFINE_string("config_name", "custom",
-                                   "Name of the builder config that --option values make.")
+_CONFIG_NAME = flags.DEFINE_string("config_name", "",
+                                   "Name of the builder config --option values make (default: "
+                                   "the base config's name and a hash of the options).")
 _FORCE = flags.DEFINE_bool("force", False, "Rebuild even if already prepared.")
 
 
@@ -54,15 +57,18 @@ def typed_options(config, options: list[str]) -> dict:
 
 
 def prepare(name: str, manual_dir: str, data_dir: str | None = None,
-            options: list[str] = (), force: bool = False, config_name: str = "custom"):
+            options: list[str] = (), force: bool = False, config_name: str = ""):
   """Builds `name` from `manual_dir`; returns the builder and its build report (or None)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from agriclip_jax.input import datasets  # pylint: disable=g-import-not-at-top
   data_dir = datasets.default_data_dir(data_dir)
   builder = datasets.builder(name, data_dir, prepare=False, must_exist=False)
   if options:
-    config = dataclasses.replace(builder.builder_config, name=config_name,
-                                 **typed_options(builder.builder_config, options))
+    fields = typed_options(builder.builder_config, options)
+    digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
+    config = dataclasses.replace(
+        builder.builder_config, name=config_name or f"{builder.builder_config.name}_{digest}",
+        **fields)
     builder = type(builder)(config=config, data_dir=data_dir)
   if builder.is_prepared() and not force:
     logging.info("%s is already prepared in %s (--force rebuilds it)", name, builder.data_dir)

@@ -133,8 +133,10 @@ def multi_crop(data: bytes, crops: tuple[Crop, ...], rng: np.random.Generator,
                blur_reference: int = 224) -> list[np.ndarray]:
   """Each of `crops` of one image (decoded once), uint8 [size, size, 3] each.
 
-  Blur radii are DINO's (0.1 to 2 px) at `blur_reference` pixels, scaled to each crop's size.
+  Blur radii are DINO's (0.1 to 2 px, the same for global and local crops) when the global
+  crops are `blur_reference` pixels, and scale with the global crop size otherwise.
   """
+  global_size = max(crop.size for crop in crops)
   image = open_image(data)
   try:
     image = image.convert("RGB")
@@ -148,7 +150,7 @@ def multi_crop(data: bytes, crops: tuple[Crop, ...], rng: np.random.Generator,
       view = ImageOps.mirror(view)
     view = _jitter(view, rng)
     if rng.uniform() < crop.blur:
-      radius = rng.uniform(0.1, 2.0) * crop.size / blur_reference
+      radius = rng.uniform(0.1, 2.0) * global_size / blur_reference
       view = view.filter(ImageFilter.GaussianBlur(radius))
     if rng.uniform() < crop.solarize:
       view = ImageOps.solarize(view, threshold=128)

@@ -12,6 +12,7 @@ TRAINERS = {
     "dino": "agriclip_jax.trainers.dino",
     "align": "agriclip_jax.trainers.align",
     "ssl_contrastive": "agriclip_jax.trainers.ssl_contrastive",
+    "eval": "agriclip_jax.trainers.eval",
 }
 
 

@@ -13,7 +13,7 @@ With `align.aligner_workdir` set it fits nothing and evaluates that run's aligne
 pipeline's eval stage).
 """
 
-import functools
+import hashlib
 import json
 import os
 
@@ -25,32 +25,29 @@ import numpy as np
 
 from agriclip_jax import config_lib
 from agriclip_jax import metrics as metrics_lib
+from agriclip_jax import runs
 from agriclip_jax import sharding
 from agriclip_jax.evaluators import base as evaluators
 from agriclip_jax.evaluators import embeddings
 from agriclip_jax.input import datasets
 from agriclip_jax.input import pipeline
-from agriclip_jax.input import preprocess
-from agriclip_jax.input import tokenizer as tokenizer_lib
 from agriclip_jax.models import aligner as aligner_lib
-from agriclip_jax.models import dino as dino_model
 from agriclip_jax.models import two_towers
 from agriclip_jax.trainers import common
 from agriclip_jax.trainers import loop as loop_lib
-from agriclip_jax.trainers import state as state_lib
 
 OPEN_FIELDS = ("evals",)
 ALIGNER = "aligner.npz"
+KEY = "align_key.json"  # What the run's summary was computed from.
 
 
 def default_config() -> ml_collections.ConfigDict:
   config = common.base_config()
   config.trainer = "align"
-  config.total_steps = 1  # One fit; kept for the shared fields.
+  config.total_steps = 1  # Unused: alignment is a fit, not training steps.
   config.align = dict(
-      dino_workdir="{workdir}/../dino",
+      dino_workdir="{workdir}/../dino",  # Its teacher's backbone features are aligned.
       clip_workdir="{workdir}/../clip",
-      dino_state="teacher",  # The DINO checkpoint entry to use: teacher or params (student).
       aligner_workdir="",  # Evaluate this align run's aligner instead of fitting one.
       fit_split="train",
       heldout_split="test",
@@ -67,61 +64,58 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 class Towers:
-  """The DINO and CLIP towers of two finished runs, as one parameter tree + encoders."""
+  """The DINO and CLIP runs the alignment reads, as one parameter tree + encoders."""
 
   def __init__(self, config, workdir: str, mesh):
     a = config.align
-    dino_dir = config_lib.expand_path(a.dino_workdir, workdir)
-    clip_dir = config_lib.expand_path(a.clip_workdir, workdir)
-    dino_config, clip_config = state_lib.run_config(dino_dir), state_lib.run_config(clip_dir)
-    if dino_config.trainer != "dino" or clip_config.trainer != "contrastive":
-      raise config_lib.ConfigError(f"align.dino_workdir / clip_workdir must be a dino and a "
-                                   f"contrastive run; got {dino_config.trainer!r} and "
-                                   f"{clip_config.trainer!r}")
-    self.tokenizer = tokenizer_lib.load(clip_dir)
-    self.dino = dino_model.make(dino_config.model)
-    self.clip = two_towers.make(clip_config.model, vocab_size=self.tokenizer.vocab_size)
+    self.runs = {"dino": runs.load(config_lib.expand_path(a.dino_workdir, workdir), mesh),
+                 "clip": runs.load(config_lib.expand_path(a.clip_workdir, workdir), mesh)}
+    if self.runs["dino"].config.trainer != "dino" or not self.runs["clip"].has_text:
+      raise config_lib.ConfigError(
+          "align.dino_workdir / clip_workdir must hold a DINO and an image-text run; got "
+          f"{self.runs['dino'].config.trainer!r} and {self.runs['clip'].config.trainer!r}")
+    self.tokenizer = self.runs["clip"].tokenizer
     self.replicated = sharding.replicated(mesh)
-    dino_params, _ = state_lib.load_entry(dino_dir, a.dino_state, self.replicated)
-    clip_params, _ = state_lib.load_entry(clip_dir, "params", self.replicated)
-    self.params = {"dino": dino_params, "clip": clip_params}
-    self.sizes = {"dino": dino_config.dino.global_size, "clip": clip_config.input.image_size}
-    self.image_size = max(self.sizes.values())
-    self.normalize = {
-        "dino": functools.partial(preprocess.normalize, mean=dino_config.input.mean,
-                                  std=dino_config.input.std),
-        "clip": functools.partial(preprocess.normalize, mean=clip_config.input.mean,
-                                  std=clip_config.input.std)}
+    # The aligner is a placeholder until it is fitted (or loaded).
+    self.params = {k: run.params for k, run in self.runs.items()}
+    self.params["aligner"] = {"W": jnp.zeros((1, 1)), "b": jnp.zeros(1)}
+    self.params_sharding = {k: run.params_sharding for k, run in self.runs.items()}
+    self.params_sharding["aligner"] = self.replicated
+    self.image_size = max(run.image_size for run in self.runs.values())
+    self.key = fingerprint({k: (os.path.abspath(run.workdir), run.step)
+                            for k, run in self.runs.items()}, self.image_size)
 
-  def _images(self, tower: str, images):
-    size = self.sizes[tower]
-    if images.shape[1] != size:
+  def _encode(self, tower: str, params, images):
+    size = self.runs[tower].image_size
+    if images.shape[1] != size:  # Decoded once at the larger size, resized per tower.
       images = jax.image.resize(images.astype(jnp.float32),
                                 (images.shape[0], size, size, 3), "bilinear")
-    return self.normalize[tower](images)
+    return self.runs[tower].encode_images(params[tower], images)
 
   def dino_features(self, params, images):
-    return self.dino.apply({"params": params["dino"]}, self._images("dino", images))[1]
+    return self._encode("dino", params, images)
 
   def clip_images(self, params, images):
-    return self.clip.apply({"params": params["clip"]}, self._images("clip", images), None)[0]
+    return self._encode("clip", params, images)
 
   def aligned(self, params, images):
     x = self.dino_features(params, images).astype(jnp.float32)
     return two_towers.l2_normalize(x @ params["aligner"]["W"] + params["aligner"]["b"])
 
   def texts(self, params, tokens):
-    return self.clip.apply({"params": params["clip"]}, None, tokens)[1]
+    return self.runs["clip"].encode_texts(params["clip"], tokens)
 
 
 def _features(towers, context, split_source, name, directory, batch_size, max_examples):
-  """(DINO features, CLIP embeddings) of a split, from the cache or computed and cached."""
+  """(DINO features, CLIP embeddings) of a split, from the cache or computed and cached.
+
+  The cache is keyed by both runs (paths, steps), the image size and `name` (dataset, split,
+  rows), so changed inputs are never served stale features."""
+  name = f"{name}_{towers.key}"
   paths = {k: os.path.join(directory, f"{name}_{k}.npy") for k in ("dino", "clip")}
   if all(os.path.exists(p) for p in paths.values()):
     return tuple(np.load(paths[k], mmap_mode="r") for k in ("dino", "clip"))
-  size = towers.image_size
-  transform = lambda ex: {"image": pipeline.image_of(
-      ex, "image", lambda data: preprocess.eval_image(data, size))}
+  transform = pipeline.EvalTransform(towers.image_size)
   out = {}
   for key, encode in (("dino", towers.dino_features), ("clip", towers.clip_images)):
     out[key] = embeddings.embed_split(context, towers.params, split_source, transform,
@@ -143,10 +137,12 @@ def fit(config, towers, context, workdir, writer):
   builder = datasets.builder(config.input.dataset, config.input.data_dir or None)
   batch_size = context.batch_size
   cache = os.path.join(workdir, "features")
+  name = builder.info.full_name.replace("/", "_")
   x, y = _features(towers, context, datasets.data_source(builder, a.fit_split),
-                   f"{a.fit_split}_{a.max_examples or 'all'}", cache, batch_size, a.max_examples)
+                   f"{name}_{a.fit_split}_{a.max_examples or 'all'}", cache, batch_size,
+                   a.max_examples)
   x_test, y_test = _features(towers, context, datasets.data_source(builder, a.heldout_split),
-                             a.heldout_split, cache, batch_size, 0)
+                             f"{name}_{a.heldout_split}_all", cache, batch_size, 0)
   logging.info("Fitting %s aligner: %s DINO features -> %s CLIP embeddings", a.method,
                x.shape, y.shape)
   if a.method == "closed_form":
@@ -169,17 +165,27 @@ def fit(config, towers, context, workdir, writer):
   return weights, bias, results
 
 
+def mix_image_embeddings(agriclip, clip, weight: float):
+  """[(1 - w) a, w c]: its dot product with `mix_text_embeddings(t)` is the mixed logit
+  (1 - w) a.t + w c.t, so the mix is scored by the unchanged zero-shot evaluator."""
+  return jnp.concatenate([(1 - weight) * agriclip, weight * clip], axis=-1)
+
+
+def mix_text_embeddings(text):
+  """[t, t] (its norm, sqrt(2) |t|, is the same for every class: rankings do not change)."""
+  return jnp.concatenate([text, text], axis=-1)
+
+
 def zero_shot(config, towers, context, evals) -> dict[str, float]:
   """Every zero-shot evaluator three ways: CLIP, AgriCLIP (aligned DINO) and their mix."""
   w = config.align.mix_weight
 
-  def mix_images(params, images):  # Dot products with [t, t] give the mixed logits.
-    return jnp.concatenate([(1 - w) * towers.aligned(params, images),
-                            w * two_towers.l2_normalize(towers.clip_images(params, images))], -1)
+  def mix_images(params, images):
+    return mix_image_embeddings(towers.aligned(params, images),
+                                two_towers.l2_normalize(towers.clip_images(params, images)), w)
 
   def mix_texts(params, tokens):
-    text = two_towers.l2_normalize(towers.texts(params, tokens))
-    return jnp.concatenate([text, text], -1)
+    return mix_text_embeddings(two_towers.l2_normalize(towers.texts(params, tokens)))
 
   results = {}
   for way, encode_images, encode_texts in (
@@ -193,13 +199,34 @@ def zero_shot(config, towers, context, evals) -> dict[str, float]:
   return results
 
 
+def fingerprint(*parts) -> str:
+  return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def load_aligner(config, workdir: str) -> tuple[np.ndarray, np.ndarray, str]:
+  """(W, b, path) of the aligner this align run uses: its own or `align.aligner_workdir`'s."""
+  source = config_lib.expand_path(config.align.aligner_workdir, workdir) or workdir
+  path = os.path.join(source, ALIGNER)
+  if not os.path.exists(path):
+    raise config_lib.ConfigError(f"no fitted aligner at {path}")
+  with np.load(path) as saved:
+    return saved["W"], saved["b"], path
+
+
 def train(config: ml_collections.ConfigDict, workdir: str):
-  summary_path = os.path.join(workdir, loop_lib.SUMMARY)
-  if os.path.exists(summary_path):
-    with open(summary_path) as f:
-      logging.info("%s already finished; nothing to do.", workdir)
-      return json.load(f)
+  summary_path, key_path = (os.path.join(workdir, n) for n in (loop_lib.SUMMARY, KEY))
+  if os.path.exists(summary_path) and os.path.exists(key_path):
+    with open(key_path) as f:
+      stored_key = json.load(f)
+    if stored_key["config"] == fingerprint(config.to_dict()):
+      with open(summary_path) as f:
+        logging.info("%s already finished; nothing to do.", workdir)
+        return json.load(f)
+    logging.info("%s: the config changed since its summary; redoing it", workdir)
   common.check_values(config)
+  if config.align.method not in ("closed_form", "sgd"):
+    raise config_lib.ConfigError(f"align.method {config.align.method!r}: expected closed_form "
+                                 "or sgd")
   common.run_requirements(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   towers = Towers(config, workdir, mesh)
@@ -208,9 +235,8 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
-  towers.params["aligner"] = {"W": jnp.zeros((1, 1)), "b": jnp.zeros(1)}  # Shape placeholder.
   context = evaluators.Context(
-      mesh=mesh, params_sharding=towers.replicated, params_abstract=None,
+      mesh=mesh, params_sharding=towers.params_sharding, params_abstract=None,
       encode_images=towers.aligned, encode_texts=towers.texts, tokenizer=towers.tokenizer,
       dataset=config.input.dataset, data_dir=config.input.data_dir or None,
       image_size=towers.image_size,
@@ -218,11 +244,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
       num_threads=config.input.num_threads)
   sharding.batch_size_per_shard(mesh, context.batch_size)
   if a.aligner_workdir:
-    path = os.path.join(config_lib.expand_path(a.aligner_workdir, workdir), ALIGNER)
-    if not os.path.exists(path):
-      raise config_lib.ConfigError(f"align.aligner_workdir has no {ALIGNER} ({path})")
-    with np.load(path) as saved:
-      weights, bias = saved["W"], saved["b"]
+    weights, bias, _ = load_aligner(config, workdir)
     results = {}
   else:
     weights, bias, results = fit(config, towers, context, workdir, writer)
@@ -232,9 +254,9 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   results.update(zero_shot(config, towers, context, config.evals))
   writer.write(1, results)
   writer.close()
-  summary = {"step": 1, **{k: float(v) for k, v in results.items()}}
+  summary = {"step": 0, **{k: float(v) for k, v in results.items()}}
   if jax.process_index() == 0:
-    with open(summary_path + ".tmp", "w") as f:
-      json.dump(summary, f, indent=1)
-    os.replace(summary_path + ".tmp", summary_path)
+    loop_lib.write_summary(workdir, summary)
+    with open(key_path, "w") as f:
+      json.dump({"config": fingerprint(config.to_dict()), "runs": towers.key}, f)
   return summary

@@ -291,13 +291,18 @@ class Setup:
 
 
 def describe(summary: dict[str, Any]) -> list[str]:
-  """Readable result lines: each top-1 with its chance level."""
-  lines = [f"finished at step {summary['step']}"]
+  """Readable result lines: each top-1 with its chance level where the class count is known.
+
+  `step` is 0 for runs that do not train (alignment, evaluation)."""
+  lines = [f"finished at step {summary['step']}" if summary.get("step") else "finished"]
   for key in sorted(summary):
     if key.endswith("/top1"):
       name = key[:-len("/top1")]
-      chance = 1 / summary.get(f"{name}/num_classes", np.inf)
-      lines.append(f"{name}: top-1 {summary[key]:.4f} (chance {chance:.4f}), top-5 "
-                   f"{summary.get(name + '/top5', float('nan')):.4f}, mean per-class recall "
-                   f"{summary.get(name + '/mean_per_class_recall', float('nan')):.4f}")
+      classes = summary.get(f"{name}/num_classes")
+      chance = f" (chance {1 / classes:.4f})" if classes else ""
+      extras = [f"{label} {summary[name + '/' + k]:.4f}" for k, label in (
+          ("top5", "top-5"), ("mean_per_class_recall", "mean per-class recall"))
+                if f"{name}/{k}" in summary]
+      lines.append(f"{name}: top-1 {summary[key]:.4f}{chance}"
+                   + "".join(f", {e}" for e in extras))
   return lines

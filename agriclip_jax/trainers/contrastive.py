@@ -61,15 +61,21 @@ def make_objective(model, loss_name: str, normalize):
   return objective
 
 
+def setup_with_text(config, workdir: str):
+  """(Setup, tokenizer, two-tower model) of an image-text run; the tokenizer is saved in the
+  workdir, where later stages (alignment, prediction) find it."""
+  setup = common.Setup.create(config, workdir, feature_keys=("image_key", "text_key"))
+  tokenizer = common.make_tokenizer(config, setup.sources)
+  if jax.process_index() == 0:
+    tokenizer.save(workdir)
+  return setup, tokenizer, two_towers.make(config.model, vocab_size=tokenizer.vocab_size)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str):
   done = common.finished(config, workdir)
   if done is not None:
     return done
-  setup = common.Setup.create(config, workdir, feature_keys=("image_key", "text_key"))
-  tokenizer = common.make_tokenizer(config, setup.sources)
-  if jax.process_index() == 0:
-    tokenizer.save(workdir)  # Later stages (alignment, prediction) encode text with it.
-  model = two_towers.make(config.model, vocab_size=tokenizer.vocab_size)
+  setup, tokenizer, model = setup_with_text(config, workdir)
   image_size, text_len = config.input.image_size, config.tokenizer.max_len
 
   def model_init(rng):

@@ -68,6 +68,20 @@ def student_outputs(apply, params, global_views, local_views, num_local, rng):
   return outputs
 
 
+def freeze_last_layer(updates, step, freeze_steps: int):
+  """Zeroes the head's last-layer updates before `freeze_steps` (DINO's first-epoch freeze;
+  its optimizer moments still see the gradients, unlike PyTorch's grad=None)."""
+  frozen = step < freeze_steps
+  return unflatten({k: jnp.where(frozen, 0.0, u) if "last_layer/" in k else u
+                    for k, u in flatten(updates).items()})
+
+
+def teacher_update(state, student, teacher_logits, momentum, center_momentum: float) -> dict:
+  """The new teacher (EMA of the `student` parameters it mirrors) and output center."""
+  return {"teacher": dino_loss.ema(state["teacher"], student, momentum),
+          "center": dino_loss.update_center(state["center"], teacher_logits, center_momentum)}
+
+
 def make_step(model, tx, labels, lr_schedule, config, normalize):
   """The DINO step: teacher forward, student loss + update, teacher EMA, center update."""
   d, total = config.dino, config.total_steps
@@ -97,9 +111,7 @@ def make_step(model, tx, labels, lr_schedule, config, normalize):
 
     loss, grads = jax.value_and_grad(objective)(trainable)
     updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-    frozen_head = state["step"] < d.freeze_last_layer_steps  # DINO's first-epoch freeze.
-    updates = unflatten({k: jnp.where(frozen_head, 0.0, u) if "head/last_layer/" in k else u
-                         for k, u in flatten(updates).items()})
+    updates = freeze_last_layer(updates, state["step"], d.freeze_last_layer_steps)
     params = optim.merge(optax.apply_updates(trainable, updates), frozen)
     m = momentum(state["step"])
     probs = jax.nn.softmax((teacher[0] - state["center"]) / temp, axis=-1)
@@ -111,9 +123,7 @@ def make_step(model, tx, labels, lr_schedule, config, normalize):
         "center/norm": jnp.linalg.norm(state["center"]),
     }
     return dict(state, step=state["step"] + 1, params=params, opt_state=opt_state,
-                teacher=dino_loss.ema(state["teacher"], params, m),
-                center=dino_loss.update_center(state["center"], teacher, d.center_momentum)
-                ), metrics
+                **teacher_update(state, params, teacher, m, d.center_momentum)), metrics
 
   return step
 

@@ -56,6 +56,14 @@ def finished_summary(workdir: str, total_steps: int) -> dict[str, Any] | None:
   return None
 
 
+def write_summary(workdir: str, summary: dict[str, Any]) -> None:
+  """summary.json, written atomically (a reader never sees half of it)."""
+  tmp = os.path.join(workdir, SUMMARY + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(summary, f, indent=1)
+  os.replace(tmp, os.path.join(workdir, SUMMARY))
+
+
 class _StopSignal:
   """Whether to stop for preemption at a step (all processes agree on the step)."""
 
@@ -100,6 +108,8 @@ class Loop:
     state, loaded = self.spec.init(), set()
     if self.config.init.get("workdir"):
       state, loaded = state_lib.load_params(self.config.init, state, self.spec, self.workdir)
+      if self.spec.refresh is not None:
+        state = self.spec.refresh(state)
     frozen = [k for k, label in self.spec.labels.items()
               if label == optim.FROZEN and k not in loaded]
     if frozen:
@@ -185,8 +195,5 @@ class Loop:
   def _summarize(self, step: int, results: dict[str, float]) -> dict[str, Any]:
     summary = {"step": step, **{k: float(v) for k, v in results.items()}}
     if jax.process_index() == 0:
-      tmp = os.path.join(self.workdir, SUMMARY + ".tmp")
-      with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)
-      os.replace(tmp, os.path.join(self.workdir, SUMMARY))
+      write_summary(self.workdir, summary)
     return summary

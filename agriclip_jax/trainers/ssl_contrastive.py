@@ -14,14 +14,13 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from agriclip_jax import config_lib
 from agriclip_jax import optim
 from agriclip_jax.input import pipeline
 from agriclip_jax.input import preprocess
 from agriclip_jax.losses import dino as dino_loss
 from agriclip_jax.models import dino as dino_model
-from agriclip_jax.models import two_towers
 from agriclip_jax.models import vit
-from agriclip_jax.pytree import flatten, unflatten
 from agriclip_jax.trainers import common
 from agriclip_jax.trainers import contrastive
 from agriclip_jax.trainers import dino
@@ -45,11 +44,10 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   done = common.finished(config, workdir)
   if done is not None:
     return done
-  setup = common.Setup.create(config, workdir, feature_keys=("image_key", "text_key"))
-  tokenizer = common.make_tokenizer(config, setup.sources)
-  if jax.process_index() == 0:
-    tokenizer.save(workdir)
-  towers = two_towers.make(config.model, vocab_size=tokenizer.vocab_size)
+  if set(config.loss_weights.keys()) != {"contrastive", "dino"}:
+    raise config_lib.ConfigError("config.loss_weights needs exactly 'contrastive' and 'dino' "
+                                 f"(got {sorted(config.loss_weights.keys())})")
+  setup, tokenizer, towers = contrastive.setup_with_text(config, workdir)
   image_tower = vit.Model(**towers.image)  # The `img` tower alone, for the views.
   head = dino_model.Head(**config.model.dino_head)
   d, image_size, text_len = config.dino, config.input.image_size, config.tokenizer.max_len
@@ -101,19 +99,15 @@ def train(config: ml_collections.ConfigDict, workdir: str):
 
     (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
     updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-    frozen_head = state["step"] < d.freeze_last_layer_steps
-    updates = unflatten({k: jnp.where(frozen_head, 0.0, u) if "last_layer/" in k else u
-                         for k, u in flatten(updates).items()})
+    updates = dino.freeze_last_layer(updates, state["step"], d.freeze_last_layer_steps)
     params = optim.merge(optax.apply_updates(trainable, updates), frozen)
     m = momentum(state["step"])
-    new_teacher = dino_loss.ema(state["teacher"], {k: params[k] for k in TEACHER_PARTS}, m)
     metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), lr=lr_schedule(state["step"]),
                    teacher_temp=temp, teacher_momentum=m,
                    **{"weight/contrastive": w_contrastive, "weight/dino": w_dino})
     return dict(state, step=state["step"] + 1, params=params, opt_state=opt_state,
-                teacher=new_teacher,
-                center=dino_loss.update_center(state["center"], teacher, d.center_momentum)
-                ), metrics
+                **dino.teacher_update(state, {k: params[k] for k in TEACHER_PARTS}, teacher,
+                                      m, d.center_momentum)), metrics
 
   crops = preprocess.dino_crops(d.global_size, d.local_size, d.num_local, d.global_scale,
                                 d.local_scale)

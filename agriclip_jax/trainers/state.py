@@ -29,6 +29,9 @@ class StateSpec:
   abstract: Any  # ShapeDtypeStructs with shardings (restore target)
   labels: dict[str, str]  # parameter path -> optimizer group or "frozen"
   eval_key: str = "params"  # The state entry evaluators use (DINO: "teacher").
+  # state -> state with the `extra_state` entries rebuilt from its params (after config.init
+  # replaced them, a DINO teacher must start from the loaded weights, not the random ones).
+  refresh: Callable[[Any], Any] | None = None
 
 
 def make_spec(model_init: Callable[[jax.Array], Any], tx, labels, mesh, rules, seed: int,
@@ -59,8 +62,12 @@ def make_spec(model_init: Callable[[jax.Array], Any], tx, labels, mesh, rules, s
                for key, value in shape.items() if key not in ("step", "rng", "params")}
   shardings.update(step=sharding.replicated(mesh), rng=sharding.replicated(mesh),
                    params=params_sharding)
+  refresh = None
+  if extra_state:
+    refresh = jax.jit(lambda state: {**state, **extra_state(state["params"])},
+                      out_shardings=shardings)
   return StateSpec(jax.jit(init, out_shardings=shardings), shardings,
-                   checkpointing.abstract(shape, shardings), labels, eval_key)
+                   checkpointing.abstract(shape, shardings), labels, eval_key, refresh)
 
 
 def latest_step(directory: str) -> int | None:
@@ -116,21 +123,34 @@ def run_config(workdir: str):
     return ml_collections.ConfigDict(json.load(f))
 
 
-def load_entry(workdir: str, entry: str, target_sharding) -> tuple[Any, int]:
-  """(one entry of a run's latest checkpoint, e.g. "params" or "teacher", its step), each
-  array placed with `target_sharding` (e.g. replicated, for evaluation)."""
+def _latest_state(workdir: str) -> tuple[str, int]:
   directory = os.path.join(workdir, "checkpoints")
   step = latest_step(directory)
   if step is None:
     raise config_lib.ConfigError(f"{workdir} has no checkpoint")
-  path = os.path.join(directory, str(step), "state")
-  checkpointer = ocp.PyTreeCheckpointer()
-  stored = checkpointer.metadata(path).item_metadata.tree
+  return os.path.join(directory, str(step), "state"), step
+
+
+def checkpoint_shapes(workdir: str, entry: str):
+  """(ShapeDtypeStructs of one entry of a run's latest checkpoint, its step)."""
+  path, step = _latest_state(workdir)
+  stored = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
   if entry not in stored:
     raise config_lib.ConfigError(f"{path} has no {entry!r} (it has {sorted(stored)})")
-  item = {entry: jax.tree.map(lambda m: jax.ShapeDtypeStruct(
-      tuple(m.shape), m.dtype, sharding=target_sharding), stored[entry])}
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
+                      stored[entry]), step
+
+
+def load_entry(workdir: str, entry: str, shardings) -> tuple[Any, int]:
+  """(one entry of a run's latest checkpoint, e.g. "params" or "teacher", its step), placed
+  with `shardings`: one sharding for every array, or a tree of them like the entry's."""
+  shapes, step = checkpoint_shapes(workdir, entry)
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, shapes)
+  item = {entry: jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                              shapes, shardings)}
   restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), item)
-  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+  path, _ = _latest_state(workdir)
+  restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
       item=item, restore_args=restore_args, partial_restore=True))
   return restored[entry], step

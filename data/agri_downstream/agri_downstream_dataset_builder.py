@@ -86,6 +86,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                          if os.path.isdir(os.path.join(root, split_dir, c))})
     mapping_path = os.path.join(root, "classnames.json")
     mapping = builder_utils.load_json(mapping_path) if os.path.exists(mapping_path) else {}
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+      raise builder_utils.InputError(f"{mapping_path}: expected an object mapping folder names "
+                                     "to class names")
     names = {d: mapping.get(d, d) for d in class_dirs}
     self._check_classes(sorted(set(names.values())))
     label_names = self.info.features["label"].names

@@ -60,3 +60,12 @@ TASKS = (
 )
 
 BY_NAME = {task.name: task for task in TASKS}
+
+
+def select(tasks: str) -> list[str]:
+  """Comma-separated task names ("" = all of them), each checked against the registry."""
+  names = [t.strip() for t in tasks.split(",") if t.strip()] or [t.name for t in TASKS]
+  unknown = [t for t in names if t not in BY_NAME]
+  if unknown:
+    raise ValueError(f"unknown downstream tasks {unknown}; the registry has {sorted(BY_NAME)}")
+  return names

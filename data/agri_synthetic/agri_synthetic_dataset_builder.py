@@ -29,8 +29,9 @@ class AgriSyntheticConfig(tfds.core.BuilderConfig):
 class Builder(tfds.core.GeneratorBasedBuilder):
   """Procedural crop / fish / livestock images with attribute captions and a taxonomy."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release: 72 classes, 12 of them held out."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release: 72 classes, 12 of them held out.",
+                   "1.1.0": "Per-class taxonomy in the metadata (class_taxonomy)."}
   BUILDER_CONFIGS = [
       AgriSyntheticConfig(name="default", description="72 classes, 12 held out; ~10k images."),
       AgriSyntheticConfig(name="small", description="Few images per class, for tests.",
@@ -59,6 +60,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             prompt_templates=list(spec_lib.PROMPT_TEMPLATES),
             heldout_classes=[c.name for c in classes if c.held_out],
             taxonomy_ranks=list(spec_lib.TAXONOMY_RANKS),
+            class_taxonomy=[c.taxonomy for c in classes],
         ),
     )
 

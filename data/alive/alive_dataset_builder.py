@@ -22,8 +22,8 @@ or `python -m agriclip_jax.input.prepare alive --manual_dir=DIR --option caption
 """
 
 import dataclasses
-import json
 import os
+import re
 import sqlite3
 import tempfile
 
@@ -40,10 +40,11 @@ CAPTION_COLUMNS = ("title", "caption", "text", "captions", "prompt")
 CLASS_COLUMNS = ("specie_or_class", "class", "class_name", "label", "species")
 SOURCE_COLUMNS = ("source", "source_dataset", "dataset")
 DOMAINS = ("crop", "livestock", "fish")
+# Whole words (plural s allowed): "cowpea" and "deciduous" are not livestock.
 _DOMAIN_WORDS = {
-    "fish": ("fish", "aquarium", "acquarium", "aquaculture", "seafood", "marine"),
-    "livestock": ("cow", "cattle", "horse", "chicken", "poultry", "goat", "sheep", "pig",
-                  "animal", "livestock", "breed", "feces", "fecus", "cid"),
+    "fish": re.compile(r"\b(fish(es)?|aquarium|acquarium|aquaculture|seafood|marine)s?\b"),
+    "livestock": re.compile(r"\b(cows?|cattle|horses?|chickens?|poultry|goats?|sheep|pigs?|"
+                            r"animals?|livestock|breeds?|feces|fecus|cid)\b"),
 }
 
 
@@ -100,7 +101,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     index = _Index(os.fspath(dl_manager.manual_dir), self.builder_config, self._scratch,
                    self._report)
-    self.info.features["label"].names = index.class_names
+    self.info.features["label"].names = sorted(
+        {label_name(r["class_name"], r["source"]) for r in index.records()})
     fraction = self.builder_config.validation_fraction
     splits = {builder_utils.split_of(path, "validation", fraction) for path in index.paths()}
     if "validation" not in splits:
@@ -110,7 +112,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, index: "_Index", split: str):
     fraction = self.builder_config.validation_fraction
-    label_of = {name: i for i, name in enumerate(index.class_names)}
+    label_of = {name: i for i, name in enumerate(self.info.features["label"].names)}
     for record in index.records():
       if builder_utils.split_of(record["path"], "validation", fraction) != split:
         continue
@@ -125,7 +127,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       self._report.count(split)
       yield record["path"], {
           "image": image, "image_path": record["path"], "captions": record["captions"],
-          "label": label_of[record["class_name"]], "class_name": record["class_name"],
+          "label": label_of[label_name(record["class_name"], record["source"])],
+          "class_name": record["class_name"],
           "source": record["source"], "domain": record["domain"]}
 
 
@@ -147,11 +150,15 @@ def _pick_column(header: list[str], wanted: str, candidates, path: str, what: st
 
 
 def guess_domain(source: str) -> str:
-  words = source.lower()
-  for domain, keys in _DOMAIN_WORDS.items():
-    if any(k in words for k in keys):
+  for domain, words in _DOMAIN_WORDS.items():
+    if words.search(source.lower()):
       return domain
   return "crop"
+
+
+def label_name(class_name: str, source: str) -> str:
+  """Labels are (source, class) pairs: "healthy" leaves of two datasets are two classes."""
+  return f"{class_name} ({source})" if source else class_name
 
 
 class Prompts:
@@ -177,12 +184,24 @@ class Prompts:
     klass = entry.get("classes", {}).get(class_name, {})
     label = klass.get("name") or class_name.replace("_", " ").strip()
     fields = dict(label=label, context=entry.get("context", ""))
-    out = [t.format(**fields) for t in klass.get("templates") or entry["templates"]]
+    templates = klass.get("templates") or entry.get("templates")
+    if not templates:
+      raise builder_utils.InputError(f"prompts: source {source!r} has no templates")
+    out = [self._format(t, source, **fields) for t in templates]
     if klass.get("description"):
       described = out[0].rstrip(".")
-      out += [t.format(described=described, description=klass["description"], **fields)
-              for t in self.described]
+      out += [self._format(t, source, described=described, description=klass["description"],
+                           **fields) for t in self.described]
     return out
+
+  @staticmethod
+  def _format(template: str, source: str, **fields) -> str:
+    try:
+      return template.format(**fields)
+    except (KeyError, IndexError) as e:
+      raise builder_utils.InputError(
+          f"prompts: template {template!r} (source {source!r}) uses {e}; templates may use "
+          f"{sorted(fields)}") from None
 
 
 class _Index:
@@ -211,10 +230,7 @@ class _Index:
     if not isinstance(self.paraphrases, dict):
       raise builder_utils.InputError(f"{config.paraphrases_file}: expected an object mapping "
                                      "class names to lists of captions")
-    names = {c for (c,) in self.db.execute("SELECT DISTINCT class FROM rows")}
-    names |= {c for (c,) in self.db.execute("SELECT DISTINCT class FROM tree")}
-    self.class_names = sorted(names)
-    if not self.class_names:
+    if not next(self.paths(), None):
       raise builder_utils.InputError(f"{manual_dir}: no images found (no captions table and "
                                      "no image files)")
 

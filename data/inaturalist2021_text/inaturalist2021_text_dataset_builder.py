@@ -115,6 +115,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     self.info.features["label"].names = [c["name"] for c in categories]
     self.info.metadata["class_texts"] = {
         kind: [class_texts(c)[kind] for c in categories] for kind in TEXT_TYPES}
+    self.info.metadata["taxonomy_ranks"] = list(RANKS[:-1]) + ["name"]  # ... genus, species
+    self.info.metadata["class_taxonomy"] = [
+        {rank: str(c.get(rank) or "") for rank in self.info.metadata["taxonomy_ranks"]}
+        for c in categories]
     return {split: self._generate_examples(manual_dir, split, index, categories)
             for split, index in indexes.items()}
 
@@ -181,10 +185,12 @@ class _SplitIndex:
     self.categories.sort(key=lambda c: c["id"])
     if not self.categories:
       raise builder_utils.InputError(f"{json_path}: no categories")
-    missing = [f for f in TAXONOMY_FIELDS + ("id",) if f not in self.categories[0]
-               and f != "common_name"]
-    if missing:
-      raise builder_utils.InputError(f"{json_path}: categories lack fields {missing}")
+    for category in self.categories:
+      missing = [f for f in TAXONOMY_FIELDS + ("id",) if f not in category
+                 and f != "common_name"]
+      if missing:
+        raise builder_utils.InputError(f"{json_path}: category {category.get('id')} lacks "
+                                       f"fields {missing}")
 
   def _lookup(self):
     return ("SELECT images.id, annotations.category_id FROM images LEFT JOIN annotations "

@@ -1,0 +1,133 @@
+"""Evaluation results as files: results.json, results.csv, results.md, and plots.
+
+`results[checkpoint][dataset][metric] = value`. The markdown table has a row per dataset
+and a column per (checkpoint, metric), with the mean over datasets as its last row: the shape
+of the AgriCLIP paper's table.
+"""
+
+import csv
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+Results = dict[str, dict[str, dict[str, float]]]
+
+
+def write(directory: str, results: Results, table_metrics=("zeroshot/top1",)) -> None:
+  with open(os.path.join(directory, "results.json.tmp"), "w") as f:
+    json.dump(results, f, indent=1, sort_keys=True)
+  os.replace(os.path.join(directory, "results.json.tmp"),
+             os.path.join(directory, "results.json"))
+  with open(os.path.join(directory, "results.csv"), "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["checkpoint", "dataset", "metric", "value"])
+    for checkpoint, datasets in sorted(results.items()):
+      for dataset, metrics in sorted(datasets.items()):
+        for metric, value in sorted(metrics.items()):
+          writer.writerow([checkpoint, dataset, metric, value])
+  with open(os.path.join(directory, "results.md"), "w") as f:
+    f.write(markdown_table(results, table_metrics))
+
+
+def read(directory: str) -> Results:
+  path = os.path.join(directory, "results.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def markdown_table(results: Results, metrics) -> str:
+  """Rows: datasets + mean; columns: checkpoint x metric (metrics present somewhere).
+
+  Accuracies and recalls are percentages. A column's mean is given only if it has a value on
+  every dataset, so means always compare the same datasets."""
+  checkpoints = sorted(results)
+  datasets = sorted({d for c in checkpoints for d in results[c]})
+  columns = [(c, m) for c in checkpoints for m in metrics
+             if any(m in results[c].get(d, {}) for d in datasets)]
+  lines = ["| dataset | " + " | ".join(f"{c} {m}" for c, m in columns) + " |",
+           "|---" * (len(columns) + 1) + "|"]
+  for dataset in datasets:
+    cells = [_cell(results[c].get(dataset, {}).get(m), m) for c, m in columns]
+    lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
+  means = []
+  for c, m in columns:
+    values = [results[c][d][m] for d in datasets if m in results[c].get(d, {})]
+    complete = len(values) == len(datasets)
+    means.append(_cell(float(np.mean(values)) if complete else None, m))
+  lines.append("| **mean** | " + " | ".join(means) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def _is_fraction(metric: str) -> bool:
+  name = metric.rsplit("/", 1)[-1]
+  return name in ("top1", "top5", "mean_per_class_recall", "prompted_top1") or "recall@" in name
+
+
+def _cell(value, metric: str) -> str:
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return "-"
+  return f"{100 * value:.1f}" if _is_fraction(metric) else f"{value:.4g}"
+
+
+def plot_confusion(path: str, confusion: np.ndarray, class_names: list[str], title: str,
+                   max_classes: int = 40) -> np.ndarray:
+  """Row-normalised confusion matrix (the most frequent classes if there are many) as a PNG;
+  returns the image as a uint8 array (for TensorBoard)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  keep = np.argsort(-confusion.sum(1), kind="stable")[:max_classes]
+  keep.sort()
+  matrix = confusion[np.ix_(keep, keep)].astype(np.float64)
+  matrix /= np.maximum(matrix.sum(1, keepdims=True), 1)
+  size = 4 + 0.22 * len(keep)
+  fig, ax = plt.subplots(figsize=(size, size))
+  image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+  ax.set_xticks(range(len(keep)), [class_names[i] for i in keep], rotation=90, fontsize=7)
+  ax.set_yticks(range(len(keep)), [class_names[i] for i in keep], fontsize=7)
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  shown = "" if len(keep) == len(confusion) else f" ({len(keep)} most frequent classes)"
+  ax.set_title(title + shown, fontsize=9)
+  fig.colorbar(image, ax=ax, fraction=0.046)
+  return _save(fig, path)
+
+
+def plot_per_class(path: str, accuracy: np.ndarray, counts: np.ndarray,
+                   class_names: list[str], title: str, max_classes: int = 60) -> np.ndarray:
+  """Per-class accuracy, sorted, as a bar chart PNG; returns the image as a uint8 array."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  present = np.flatnonzero(counts > 0)
+  order = present[np.argsort(accuracy[present], kind="stable")]
+  if len(order) > max_classes:  # The worst and best classes.
+    order = np.concatenate([order[:max_classes // 2], order[-max_classes // 2:]])
+  fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(order)), 4))
+  ax.bar(range(len(order)), accuracy[order], color="tab:green")
+  ax.set_xticks(range(len(order)), [class_names[i] for i in order], rotation=90, fontsize=7)
+  ax.set_ylim(0, 1)
+  ax.set_ylabel("accuracy")
+  ax.set_title(title, fontsize=9)
+  return _save(fig, path)
+
+
+def _save(fig, path: str) -> np.ndarray:
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  fig.canvas.draw()
+  image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+  plt.close(fig)
+  return image
+
+
+def flat(results: Results) -> dict[str, Any]:
+  """"checkpoint/dataset/metric" -> value, for TensorBoard and summaries."""
+  return {f"{c}/{d}/{m}": v for c, ds in results.items() for d, ms in ds.items()
+          for m, v in ms.items()}
