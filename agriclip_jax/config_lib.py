@@ -98,11 +98,16 @@ def every(step: int, period: int | None, total: int | None = None) -> bool:
   return bool(period) and step % period == 0
 
 
+def absolute(path: str) -> str:
+  """`path` made absolute (Orbax and TensorStore refuse relative paths); URLs unchanged."""
+  return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
 def expand_path(path: str | None, workdir: str) -> str | None:
-  """Paths in configs may use {workdir} and ~."""
-  if path is None:
-    return None
-  return os.path.expanduser(path.format(workdir=workdir))
+  """Paths in configs may use {workdir} and ~; the result is absolute (unset stays unset)."""
+  if not path:
+    return path
+  return absolute(path.format(workdir=workdir))
 
 
 def load(config_spec: str) -> ml_collections.ConfigDict:

@@ -74,17 +74,25 @@ def _cell(value, metric: str) -> str:
   return f"{100 * value:.1f}" if _is_fraction(metric) else f"{value:.4g}"
 
 
+def confused_classes(confusion: np.ndarray, max_classes: int) -> np.ndarray:
+  """Indices (ascending) of the `max_classes` classes in the most errors, as truth or as
+  prediction; equal counts prefer the more frequent class, then the lower index."""
+  errors = confusion - np.diag(np.diag(confusion))
+  order = np.lexsort((np.arange(len(confusion)), -confusion.sum(1),
+                      -(errors.sum(0) + errors.sum(1))))
+  return np.sort(order[:max_classes])
+
+
 def plot_confusion(path: str, confusion: np.ndarray, class_names: list[str], title: str,
                    max_classes: int = 40) -> np.ndarray:
-  """Row-normalised confusion matrix (the most frequent classes if there are many) as a PNG;
-  returns the image as a uint8 array (for TensorBoard)."""
+  """Row-normalised confusion matrix as a PNG (with many classes, those in the most errors,
+  as truth or as prediction); returns the image as a uint8 array (for TensorBoard)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  keep = np.argsort(-confusion.sum(1), kind="stable")[:max_classes]
-  keep.sort()
-  matrix = confusion[np.ix_(keep, keep)].astype(np.float64)
-  matrix /= np.maximum(matrix.sum(1, keepdims=True), 1)
+  keep = confused_classes(confusion, max_classes)
+  # Fractions of each true class's examples, counting predictions outside the shown classes.
+  matrix = confusion[np.ix_(keep, keep)] / np.maximum(confusion[keep].sum(1, keepdims=True), 1)
   size = 4 + 0.22 * len(keep)
   fig, ax = plt.subplots(figsize=(size, size))
   image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
@@ -92,7 +100,8 @@ def plot_confusion(path: str, confusion: np.ndarray, class_names: list[str], tit
   ax.set_yticks(range(len(keep)), [class_names[i] for i in keep], fontsize=7)
   ax.set_xlabel("predicted")
   ax.set_ylabel("true")
-  shown = "" if len(keep) == len(confusion) else f" ({len(keep)} most frequent classes)"
+  shown = ("" if len(keep) == len(confusion)
+           else f" ({len(keep)} of {len(confusion)} classes, most errors)")
   ax.set_title(title + shown, fontsize=9)
   fig.colorbar(image, ax=ax, fraction=0.046)
   return _save(fig, path)

@@ -65,6 +65,7 @@ def _normalizer(config):
 
 def load(workdir: str, mesh: jax.sharding.Mesh) -> Run:
   """The run in `workdir` at its latest checkpoint, on `mesh`."""
+  workdir = config_lib.absolute(workdir)
   config = state_lib.run_config(workdir)
   if config.trainer == "align":
     return _load_agriclip(config, workdir, mesh)

@@ -5,11 +5,13 @@ tower sees image-text pairs and DINO's multi-crop views of the same images at ev
 The DINO weight ramps up over the run (cosine from `dino_start` to `dino_end`), the
 contrastive weight stays at 1.
 
-Demo, on the built-in synthetic dataset (2 CPU cores, a few minutes):
+Demo, on the built-in synthetic dataset (7 minutes on 2 CPU cores):
 
   python launch.py --config configs/alive_ssl_contrastive.py:demo --workdir /tmp/joint_demo
 
-  reaches zero-shot top-1 RESULT on the 12 held-out classes (chance 0.083).
+  reaches zero-shot top-1 0.7583 on the 12 held-out classes (chance 0.083) and 0.6360 on
+  the 60 test classes; the CLIP demo, same model and steps without the DINO loss, reaches
+  0.8967 and 0.7187. On this colour-coded data the SSL term does not help yet.
 
 Full: python launch.py --config configs/alive_ssl_contrastive.py --workdir workdirs/joint
 

@@ -1,5 +1,7 @@
 """AgriCLIP's pieces: DINO loss and centering vs numpy, EMA, the aligner, k-NN voting."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -240,6 +242,19 @@ def test_alignment_and_evaluation_stages_end_to_end(data_dir, tmp_path):
   assert "align/fit_r2" not in evaluated  # Nothing fitted: the align stage's aligner is used.
   for key in ("heldout/agriclip/top1", "heldout/mix/top1", "test/clip/top1"):
     assert evaluated[key] == summary[key], key
+
+  # An evaluation job loads an align run as the AgriCLIP model (DINO -> aligner, CLIP text).
+  result = launch(str(tmp_path / "suite"), "tests/tiny_config.py:kind=eval_heldout",
+                  f"--config.checkpoints={tmp_path}/align,{tmp_path}/clip",
+                  "--config.names=agriclip,clip", data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(tmp_path / "suite" / "results.json") as f:
+    results = json.load(f)
+  for way in ("agriclip", "clip"):
+    heldout = results[way]["heldout"]
+    assert heldout["zeroshot/num_examples"] == 48
+    assert heldout["zeroshot/top1"] == pytest.approx(summary[f"heldout/{way}/top1"], abs=1e-6)
+    assert "taxonomy/genus/top1" in heldout
 
 
 def test_mixed_embeddings_score_the_weighted_sum_of_both_logits():

@@ -71,7 +71,8 @@ def test_mismatched_checkpoint_is_one_clear_error(tmp_path):
   assert "\n" not in message
 
 
-def test_load_params_copies_selected_parameters_from_another_run(tmp_path):
+def test_load_params_copies_selected_parameters_from_another_run(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # Workdirs given relative, as in the README's commands.
   mesh = sharding.make_mesh([("data", 2), ("fsdp", 4)])
   source, _ = _state(mesh)
   source["params"]["img"]["head"] = jnp.full((2,), 5.0)
@@ -87,7 +88,7 @@ def test_load_params_copies_selected_parameters_from_another_run(tmp_path):
                              abstract=checkpointing.abstract(target, shardings), labels={})
   config = ml_collections.ConfigDict(dict(workdir="{workdir}/pretrain", params="img/.*",
                                           skip="img/head"))
-  loaded, paths = state_lib.load_params(config, target, spec, str(tmp_path))
+  loaded, paths = state_lib.load_params(config, target, spec, ".")
   assert paths == {"img/kernel"}
   np.testing.assert_array_equal(loaded["params"]["img"]["kernel"],
                                 source["params"]["img"]["kernel"])

@@ -18,7 +18,8 @@ def root(tmp_path_factory):
 
 
 def _run(root, name, config):
-  result = launch(str(root / name), config, data_dir=str(root / "tfds"), timeout=1500)
+  # A relative workdir, as in the README's command (configs are found from any directory).
+  result = launch(name, config, data_dir=str(root / "tfds"), timeout=1500, cwd=root)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(root, name, "summary.json")) as f:
     return json.load(f), result

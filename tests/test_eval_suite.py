@@ -113,6 +113,18 @@ def runs_dir(data_dir, tmp_path_factory):
   return root
 
 
+def test_confusion_plot_shows_the_classes_in_the_most_errors(tmp_path):
+  confusion = np.diag([9, 8, 7, 6, 5])
+  confusion[3, 1] = 2  # Class 3 mistaken for 1: both are in errors.
+  confusion[4, 4] -= 1
+  confusion[4, 0] += 1  # One error each for 4 and 0.
+  np.testing.assert_array_equal(results_lib.confused_classes(confusion, 3), [0, 1, 3])
+  np.testing.assert_array_equal(results_lib.confused_classes(confusion, 10), np.arange(5))
+  image = results_lib.plot_confusion(str(tmp_path / "c.png"), confusion, list("abcde"), "t",
+                                     max_classes=3)
+  assert image.ndim == 3 and image.dtype == np.uint8 and (tmp_path / "c.png").exists()
+
+
 def test_eval_job_writes_results_tables_and_plots_and_skips_done_work(data_dir, runs_dir,
                                                                      tmp_path):
   from agriclip_jax.input import prepare  # pylint: disable=g-import-not-at-top
@@ -161,6 +173,22 @@ def test_eval_job_writes_results_tables_and_plots_and_skips_done_work(data_dir, 
                    "--config.datasets.test.k=3", data_dir=data_dir)
   assert changed.returncode == 0, changed.stderr[-3000:]
   assert changed.stderr.count("already evaluated") == 4
+
+
+def test_eval_job_gives_the_same_results_on_8_devices(data_dir, runs_dir, tmp_path):
+  """Embeddings are computed sharded over the devices; the padded last batch (48 examples,
+  batch 32) is masked the same way whatever the device count."""
+  found = {}
+  for devices in (1, 8):
+    workdir = tmp_path / str(devices)
+    result = launch(str(workdir), "tests/tiny_config.py:kind=eval_heldout",
+                    f"--config.checkpoints={runs_dir}/lit", "--config.names=lit",
+                    data_dir=data_dir, devices=devices)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(workdir / "results.json") as f:
+      found[devices] = json.load(f)["lit"]["heldout"]
+  assert found[1]["zeroshot/num_examples"] == found[8]["zeroshot/num_examples"] == 48
+  assert found[8] == pytest.approx(found[1], abs=1e-5)
 
 
 def _cli(module, *args):

@@ -40,6 +40,12 @@ def get_config(arg=None):
     config.datasets.cows = eval_suite.eval_trainer.dataset_entry(
         dataset="agri_downstream/cow_breed", train_split="train")
     return config
+  elif options.kind == "eval_heldout":  # Checkpoints are set by the test.
+    config = eval_suite.get_config("demo")
+    config.input.dataset = "agri_synthetic/small"
+    config.input.batch_size = 32
+    del config.datasets.test
+    return config
   elif options.kind in ("align", "align_eval"):  # Reads tiny clip and dino runs beside it.
     config = agriclip.get_config("demo,stage=align")
     config.requires = [dict(workdir="{workdir}/../clip", config="tests/tiny_config.py:kind=clip"),

@@ -35,5 +35,6 @@ def validate(config) -> None:
 def run(config, workdir: str):
   """Validates `config` and trains it in `workdir`; returns the run's summary."""
   validate(config)
+  workdir = config_lib.absolute(workdir)
   os.makedirs(workdir, exist_ok=True)
   return get(config.trainer).train(config, workdir)

@@ -124,7 +124,7 @@ def run_config(workdir: str):
 
 
 def _latest_state(workdir: str) -> tuple[str, int]:
-  directory = os.path.join(workdir, "checkpoints")
+  directory = os.path.join(config_lib.absolute(workdir), "checkpoints")
   step = latest_step(directory)
   if step is None:
     raise config_lib.ConfigError(f"{workdir} has no checkpoint")
