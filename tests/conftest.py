@@ -25,9 +25,8 @@ def data_dir(tmp_path_factory) -> str:
 
 
 def launch(workdir, config="tests/tiny_config.py:kind=clip", *overrides, data_dir=None,
-           devices=1, background=False, timeout=600, extra_env=None, cwd=REPO):
-  """Runs launch.py in a subprocess (own device count) from `cwd`; returns CompletedProcess
-  or Popen."""
+           devices=1, background=False, timeout=600, extra_env=None):
+  """Runs launch.py in a subprocess (own device count); returns CompletedProcess or Popen."""
   env = dict(os.environ, PYTHONUNBUFFERED="1",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   if data_dir:
@@ -36,7 +35,7 @@ def launch(workdir, config="tests/tiny_config.py:kind=clip", *overrides, data_di
   cmd = [sys.executable, str(REPO / "launch.py"), f"--config={config}",
          f"--workdir={workdir}", *overrides]
   if background:
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-  return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=timeout)

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from conftest import launch
+from conftest import REPO, launch
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +18,9 @@ def root(tmp_path_factory):
 
 
 def _run(root, name, config):
-  # A relative workdir, as in the README's command (configs are found from any directory).
-  result = launch(name, config, data_dir=str(root / "tfds"), timeout=1500, cwd=root)
+  # A relative workdir, as in the README's command, run from the repository root.
+  result = launch(os.path.relpath(root / name, REPO), config, data_dir=str(root / "tfds"),
+                  timeout=1500)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(root, name, "summary.json")) as f:
     return json.load(f), result
