@@ -7,6 +7,8 @@ any other field, with its dotted name, before anything is built or compiled.
 """
 
 import difflib
+import hashlib
+import json
 import os
 import re
 from typing import Iterable
@@ -96,6 +98,11 @@ def every(step: int, period: int | None, total: int | None = None) -> bool:
   if total is not None and step == total:
     return True
   return bool(period) and step % period == 0
+
+
+def fingerprint(*parts) -> str:
+  """A short stable hash of JSON-able parts (config dicts, paths, steps): a cache key."""
+  return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def absolute(path: str) -> str:

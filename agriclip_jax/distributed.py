@@ -9,6 +9,8 @@ import os
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 from agriclip_jax import config_lib
 
@@ -55,3 +57,12 @@ def quiet_library_logs() -> None:
             or "/clu/" in path or path.endswith("launch.py"))
 
   absl_logging.get_absl_handler().addFilter(keep)
+
+
+def exists_everywhere(path: str) -> bool:
+  """Whether every process sees `path`: a cache all processes use, or none (computing it is
+  collective, so processes must agree)."""
+  exists = os.path.exists(path)
+  if jax.process_count() == 1:
+    return exists
+  return bool(np.min(multihost_utils.process_allgather(np.int32(exists))))

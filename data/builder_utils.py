@@ -13,8 +13,10 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 from typing import Any, Iterator
 
+from absl import logging
 from PIL import Image
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
@@ -45,6 +47,24 @@ def bounded_memory(buffer_bytes: int = 64 << 20):
     yield
   finally:
     tfds_shuffle.MAX_MEM_BUFFER_SIZE = saved
+
+
+class ReportedBuild:
+  """Mixin for builders that read the user's files (list it before GeneratorBasedBuilder).
+
+  During the build `self._report` counts and lists what was skipped and `self._scratch` is a
+  temporary directory; TFDS's writer keeps bounded memory. Afterwards the report is written
+  next to the prepared data and summarised in the log.
+  """
+
+  def _download_and_prepare(self, dl_manager, download_config=None):
+    self._report = Report()
+    with tempfile.TemporaryDirectory() as scratch, bounded_memory():
+      self._scratch = scratch
+      super()._download_and_prepare(dl_manager, download_config)
+    path = self._report.write(self.data_dir)
+    name = self.name + (f"/{self.builder_config.name}" if len(self.BUILDER_CONFIGS) > 1 else "")
+    logging.info("%s: %s (details in %s)", name, self._report.summary(), path)
 
 
 def checked_image(data: bytes) -> bytes:

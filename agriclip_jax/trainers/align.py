@@ -13,7 +13,6 @@ With `align.aligner_workdir` set it fits nothing and evaluates that run's aligne
 pipeline's eval stage).
 """
 
-import hashlib
 import json
 import os
 
@@ -24,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from agriclip_jax import config_lib
+from agriclip_jax import distributed
 from agriclip_jax import metrics as metrics_lib
 from agriclip_jax import runs
 from agriclip_jax import sharding
@@ -82,8 +82,8 @@ class Towers:
     self.params_sharding = {k: run.params_sharding for k, run in self.runs.items()}
     self.params_sharding["aligner"] = self.replicated
     self.image_size = max(run.image_size for run in self.runs.values())
-    self.key = fingerprint({k: (os.path.abspath(run.workdir), run.step)
-                            for k, run in self.runs.items()}, self.image_size)
+    self.key = config_lib.fingerprint({k: (os.path.abspath(run.workdir), run.step)
+                                       for k, run in self.runs.items()}, self.image_size)
 
   def _encode(self, tower: str, params, images):
     size = self.runs[tower].image_size
@@ -113,7 +113,7 @@ def _features(towers, context, split_source, name, directory, batch_size, max_ex
   rows), so changed inputs are never served stale features."""
   name = f"{name}_{towers.key}"
   paths = {k: os.path.join(directory, f"{name}_{k}.npy") for k in ("dino", "clip")}
-  if all(os.path.exists(p) for p in paths.values()):
+  if all(distributed.exists_everywhere(p) for p in paths.values()):
     return tuple(np.load(paths[k], mmap_mode="r") for k in ("dino", "clip"))
   transform = pipeline.EvalTransform(towers.image_size)
   out = {}
@@ -199,10 +199,6 @@ def zero_shot(config, towers, context, evals) -> dict[str, float]:
   return results
 
 
-def fingerprint(*parts) -> str:
-  return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def load_aligner(config, workdir: str) -> tuple[np.ndarray, np.ndarray, str]:
   """(W, b, path) of the aligner this align run uses: its own or `align.aligner_workdir`'s."""
   source = config_lib.expand_path(config.align.aligner_workdir, workdir) or workdir
@@ -218,7 +214,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   if os.path.exists(summary_path) and os.path.exists(key_path):
     with open(key_path) as f:
       stored_key = json.load(f)
-    if stored_key["config"] == fingerprint(config.to_dict()):
+    if stored_key["config"] == config_lib.fingerprint(config.to_dict()):
       with open(summary_path) as f:
         logging.info("%s already finished; nothing to do.", workdir)
         return json.load(f)
@@ -258,5 +254,5 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   if jax.process_index() == 0:
     loop_lib.write_summary(workdir, summary)
     with open(key_path, "w") as f:
-      json.dump({"config": fingerprint(config.to_dict()), "runs": towers.key}, f)
+      json.dump({"config": config_lib.fingerprint(config.to_dict()), "runs": towers.key}, f)
   return summary

@@ -10,17 +10,16 @@ dataset a confusion matrix and a per-class accuracy chart (`plots/`). A re-run r
 is computed unless `config.force`.
 """
 
-import hashlib
 import json
 import os
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
 from agriclip_jax import config_lib
+from agriclip_jax import distributed
 from agriclip_jax import metrics as metrics_lib
 from agriclip_jax import results as results_lib
 from agriclip_jax import runs
@@ -75,18 +74,6 @@ def dataset_entry(**fields) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({**DATASET_FIELDS, **fields})
 
 
-def fingerprint(*parts) -> str:
-  return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _exists_everywhere(path: str) -> bool:
-  """Whether every process sees `path` (a cache all processes may use, or none)."""
-  exists = os.path.exists(path)
-  if jax.process_count() == 1:
-    return exists
-  return bool(np.min(multihost_utils.process_allgather(np.int32(exists))))
-
-
 class DatasetEval:
   """One run on one dataset: embeddings (cached), then each metric from them."""
 
@@ -107,12 +94,13 @@ class DatasetEval:
     return bool(metadata.get("taxonomy_ranks") and metadata.get("class_taxonomy"))
 
   def embed(self, split: str, max_examples: int, with_texts: bool = False) -> dict:
-    key = fingerprint(self.builder.info.full_name, split, max_examples, self.entry.image_key,
-                      self.entry.label_key, self.entry.text_key if with_texts else "")
+    key = config_lib.fingerprint(self.builder.info.full_name, split, max_examples,
+                                 self.entry.image_key, self.entry.label_key,
+                                 self.entry.text_key if with_texts else "")
     path = os.path.join(self.cache, f"{self.name}_{split}_{key}.npz")
     if path in self._memo:
       return self._memo[path]
-    if _exists_everywhere(path):
+    if distributed.exists_everywhere(path):
       with np.load(path) as saved:
         self._memo[path] = dict(saved)
         return self._memo[path]
@@ -308,13 +296,13 @@ def train(config: ml_collections.ConfigDict, workdir: str):
         batch_size=config.eval_batch_size or config.input.batch_size,
         num_threads=config.input.num_threads)
     sharding.batch_size_per_shard(mesh, context.batch_size)
-    run_key = fingerprint(os.path.abspath(checkpoint), run.step)
+    run_key = config_lib.fingerprint(os.path.abspath(checkpoint), run.step)
     cache = os.path.join(workdir, "embeddings", f"{run_name}_{run_key}")
     for name, entry in entries.items():
       evaluation = DatasetEval(run, context, entry, cache, name)
       wanted = wanted_metrics(config, entry, run, evaluation.has_taxonomy)
-      key = fingerprint(run_key, evaluation.builder.info.full_name, entry.to_dict(),
-                        sorted(wanted))
+      key = config_lib.fingerprint(run_key, evaluation.builder.info.full_name,
+                                   entry.to_dict(), sorted(wanted))
       previous = all_results.get(run_name, {}).get(name, {})
       if keys.get(run_name, {}).get(name) == key and is_done(previous, wanted):
         logging.info("%s on %s: already evaluated (config.force=True redoes it)", run_name,

@@ -33,7 +33,7 @@ class DownstreamConfig(tfds.core.BuilderConfig):
   test_fraction: float = 0.2  # Used only when the folders give no split.
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(builder_utils.ReportedBuild, tfds.core.GeneratorBasedBuilder):
   """An image-classification task from an ImageFolder tree, with its prompt templates."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -62,14 +62,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         metadata=tfds.core.MetadataDict(prompt_templates=list(task.templates),
                                         title=task.title, domain=task.domain),
     )
-
-  def _download_and_prepare(self, dl_manager, download_config=None):
-    self._report = builder_utils.Report()
-    with builder_utils.bounded_memory():
-      super()._download_and_prepare(dl_manager, download_config)
-    path = self._report.write(self.data_dir)
-    logging.info("agri_downstream/%s: %s (details in %s)", self.builder_config.name,
-                 self._report.summary(), path)
 
   def _split_generators(self, dl_manager):
     root = os.fspath(dl_manager.manual_dir)

@@ -25,7 +25,6 @@ import dataclasses
 import os
 import re
 import sqlite3
-import tempfile
 
 from absl import logging
 import tensorflow_datasets as tfds
@@ -61,7 +60,7 @@ class AliveConfig(tfds.core.BuilderConfig):
   validation_fraction: float = 0.02
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(builder_utils.ReportedBuild, tfds.core.GeneratorBasedBuilder):
   """ALive image-text pairs from the released captions table and/or folder tree."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -89,14 +88,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         }),
         metadata=tfds.core.MetadataDict(prompt_templates=["a photo of {}."]),
     )
-
-  def _download_and_prepare(self, dl_manager, download_config=None):
-    self._report = builder_utils.Report()
-    with tempfile.TemporaryDirectory() as scratch, builder_utils.bounded_memory():
-      self._scratch = scratch
-      super()._download_and_prepare(dl_manager, download_config)
-    path = self._report.write(self.data_dir)
-    logging.info("alive: %s (details in %s)", self._report.summary(), path)
 
   def _split_generators(self, dl_manager):
     index = _Index(os.fspath(dl_manager.manual_dir), self.builder_config, self._scratch,

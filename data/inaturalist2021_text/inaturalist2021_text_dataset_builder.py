@@ -18,7 +18,6 @@ import dataclasses
 import os
 import sqlite3
 import tarfile
-import tempfile
 
 from absl import logging
 import numpy as np
@@ -64,7 +63,7 @@ class INatConfig(tfds.core.BuilderConfig):
   pass
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(builder_utils.ReportedBuild, tfds.core.GeneratorBasedBuilder):
   """iNaturalist-2021 images with taxonomy captions."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -91,14 +90,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         }),
         metadata=tfds.core.MetadataDict(prompt_templates=["a photo of {}."]),
     )
-
-  def _download_and_prepare(self, dl_manager, download_config=None):
-    self._report = builder_utils.Report()
-    with tempfile.TemporaryDirectory() as scratch, builder_utils.bounded_memory():
-      self._scratch = scratch
-      super()._download_and_prepare(dl_manager, download_config)
-    path = self._report.write(self.data_dir)
-    logging.info("inaturalist2021_text: %s (details in %s)", self._report.summary(), path)
 
   def _split_generators(self, dl_manager):
     manual_dir = os.fspath(dl_manager.manual_dir)
