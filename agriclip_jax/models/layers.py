@@ -68,23 +68,38 @@ class Attention(nn.Module):
     return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(y)
 
 
+class LayerScale(nn.Module):
+  """Per-channel learned scale of a residual branch (CaiT / DINOv2)."""
+  init_value: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],),
+                       jnp.float32)
+    return x * gamma.astype(x.dtype)
+
+
 class EncoderBlock(nn.Module):
+  """Pre-LayerNorm block; `layer_scale` (an initial value) scales both residual branches."""
   num_heads: int
   mlp_dim: int
   activation: str = "gelu"
   dropout: float = 0.0
   layer_norm_eps: float = 1e-6
+  layer_scale: float | None = None
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, mask=None, train: bool = False):
     norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
     drop = nn.Dropout(self.dropout, deterministic=not train)
+    scale = ((lambda name, y: LayerScale(self.layer_scale, name=name)(y))
+             if self.layer_scale is not None else (lambda name, y: y))
     y = Attention(self.num_heads, dtype=self.dtype, name="attn")(norm("norm1")(x), mask=mask)
-    x = x + drop(y)
+    x = x + drop(scale("ls1", y))
     y = MlpBlock(self.mlp_dim, self.activation, self.dropout, self.dtype,
                  name="mlp")(norm("norm2")(x), train)
-    return x + drop(y)
+    return x + drop(scale("ls2", y))
 
 
 class Encoder(nn.Module):
@@ -97,13 +112,15 @@ class Encoder(nn.Module):
   layer_norm_eps: float = 1e-6
   remat: bool = False
   dtype: Any = jnp.float32
+  layer_scale: float | None = None
 
   @nn.compact
   def __call__(self, x, mask=None, train: bool = False):
     block = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_dim, self.activation, self.dropout,
-                self.layer_norm_eps, self.dtype, name=f"block{i:02d}")(x, mask, train)
+                self.layer_norm_eps, self.layer_scale, self.dtype,
+                name=f"block{i:02d}")(x, mask, train)
     return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm")(x)
 
 
@@ -113,6 +130,7 @@ class MAPHead(nn.Module):
   mlp_dim: int
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
+  activation: str = "gelu"
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -121,7 +139,7 @@ class MAPHead(nn.Module):
     probe = jnp.tile(probe, (x.shape[0], 1, 1)).astype(self.dtype)
     x = Attention(self.num_heads, dtype=self.dtype, name="attn")(probe, x, mask=mask)
     y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm")(x)
-    x = x + MlpBlock(self.mlp_dim, dtype=self.dtype, name="mlp")(y)
+    x = x + MlpBlock(self.mlp_dim, self.activation, dtype=self.dtype, name="mlp")(y)
     return x[:, 0]
 
 

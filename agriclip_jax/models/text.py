@@ -1,7 +1,9 @@
-"""Text transformer tower (CLIP style: causal, pooled at the end-of-text token).
+"""Text transformer tower: CLIP form (causal, pooled at the end-of-text token) by default,
+SigLIP form with `causal=False, mask_padding=False, pool_type="last"`.
 
 Tokens follow `input/tokenizer.py`: id 0 is padding and the end-of-text token is the last
-non-zero token of each row.
+non-zero token of each row (a SigLIP tokenizer pads with its own id, which this form attends
+to, as SigLIP was trained).
 """
 
 from typing import Any
@@ -25,13 +27,15 @@ class Model(nn.Module):
   mlp_dim: int = 2048
   num_heads: int = 8
   causal: bool = True
-  pool_type: str = "eot"  # eot | first | gap | map
+  pool_type: str = "eot"  # eot | first | last | gap | map
   num_classes: int | None = None  # A linear head to this width ("head"), if set.
   activation: str = "gelu"
   dropout: float = 0.0
   layer_norm_eps: float = 1e-6
   remat: bool = False
   dtype: Any = jnp.float32
+  mask_padding: bool = True  # Bidirectional towers: padding is not attended to.
+  head_bias: bool = True
 
   @nn.compact
   def __call__(self, tokens, train: bool = False):
@@ -49,8 +53,10 @@ class Model(nn.Module):
     valid = jnp.arange(length)[None, :] <= end[:, None]  # [n, length]
     if self.causal:
       mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
-    else:
+    elif self.mask_padding:
       mask = valid[:, None, None, :]
+    else:
+      mask = None
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, self.activation,
                        self.dropout, self.layer_norm_eps, self.remat, self.dtype,
@@ -60,13 +66,16 @@ class Model(nn.Module):
       x = layers.pool(x, "index", index=end)
     elif self.pool_type == "first":
       x = layers.pool(x, "tok")
+    elif self.pool_type == "last":
+      x = x[:, -1]
     else:
       map_head = (layers.MAPHead(self.num_heads, self.mlp_dim, self.layer_norm_eps,
-                                 self.dtype, name="map_head")
+                                 self.dtype, self.activation, name="map_head")
                   if self.pool_type == "map" else None)
-      x = layers.pool(x, self.pool_type, mask=valid, map_head=map_head)
+      x = layers.pool(x, self.pool_type, mask=valid if self.mask_padding else None,
+                      map_head=map_head)
     out["pre_logits"] = x
     if self.num_classes:
-      x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+      x = nn.Dense(self.num_classes, use_bias=self.head_bias, dtype=self.dtype, name="head")(x)
     out["logits"] = x
     return x, out

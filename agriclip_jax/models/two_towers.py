@@ -13,6 +13,7 @@ import numpy as np
 
 from agriclip_jax import config_lib
 from agriclip_jax.models import layers
+from agriclip_jax.models import presets
 from agriclip_jax.models import text
 from agriclip_jax.models import vit
 
@@ -59,12 +60,16 @@ class Model(nn.Module):
 
 def tower_kwargs(config: Mapping[str, Any], kind: str, out_dim: int | None,
                  dtype: str) -> dict[str, Any]:
-  """Tower keyword arguments from a config dict: `variant` + overrides + `head` (bool)."""
+  """Tower keyword arguments from a config dict: `preset` (a family, see `presets`), then
+  `variant`, then explicit overrides; `head` (bool) adds a linear head to `out_dim`."""
   kwargs = dict(config)
   module = vit.Model if kind == "img" else text.Model
   fields = {f.name for f in dataclasses.fields(module)} - {"parent", "name", "num_classes",
                                                              "dtype"}
-  config_lib.check_keys(kwargs, fields | {"variant", "head"}, f"model.{kind}")
+  config_lib.check_keys(kwargs, fields | {"variant", "head", "preset"}, f"model.{kind}")
+  preset = kwargs.pop("preset", None)
+  if preset:
+    kwargs = {**presets.get(preset, kind), **kwargs}
   variant = kwargs.pop("variant", None)
   head = kwargs.pop("head", True)
   base = {}

@@ -27,7 +27,10 @@ class Model(nn.Module):
 
   The position embedding is stored as a [1, gh, gw, width] grid sized by the image at init;
   inputs of another size (DINO's local crops, fine-tuning at a new resolution) use a bilinear
-  resize of it.
+  resize of it. Prefix tokens (a class token, then `num_registers` register tokens) carry no
+  position embedding: an imported checkpoint's class-token position is folded into `cls`.
+  Options that imported families need: `pre_norm` (CLIP's LayerNorm before the encoder),
+  `patch_bias`, `head_bias`, `layer_scale` (DINOv2; its initial value), `num_registers`.
   """
   width: int = 768
   depth: int = 12
@@ -41,6 +44,12 @@ class Model(nn.Module):
   layer_norm_eps: float = 1e-6
   remat: bool = False
   dtype: Any = jnp.float32
+  class_token: bool | None = None  # None: only for pool_type "tok".
+  num_registers: int = 0
+  pre_norm: bool = False
+  patch_bias: bool = True
+  head_bias: bool = True
+  layer_scale: float | None = None
 
   @nn.compact
   def __call__(self, image, train: bool = False):
@@ -51,24 +60,37 @@ class Model(nn.Module):
     out = {}
     x = nn.Conv(self.width, (self.patch_size, self.patch_size),
                 strides=(self.patch_size, self.patch_size), padding="VALID",
-                dtype=self.dtype, name="embedding")(image.astype(self.dtype))
+                use_bias=self.patch_bias, dtype=self.dtype,
+                name="embedding")(image.astype(self.dtype))
     n, gh, gw, c = x.shape
     x = x + self._position_embedding(gh, gw, c).astype(self.dtype)
     x = x.reshape(n, gh * gw, c)
-    if self.pool_type == "tok":
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, c), jnp.float32)
-      x = jnp.concatenate([jnp.tile(cls.astype(self.dtype), (n, 1, 1)), x], axis=1)
+    prefix = []
+    if self.class_token or (self.class_token is None and self.pool_type == "tok"):
+      prefix.append(self.param("cls", nn.initializers.zeros, (1, 1, c), jnp.float32))
+    if self.num_registers:
+      prefix.append(self.param("registers", nn.initializers.normal(0.02),
+                               (1, self.num_registers, c), jnp.float32))
+    if prefix:
+      prefix = jnp.concatenate(prefix, axis=1).astype(self.dtype)
+      x = jnp.concatenate([jnp.broadcast_to(prefix, (n,) + prefix.shape[1:]), x], axis=1)
+    num_prefix = x.shape[1] - gh * gw
+    if self.pre_norm:
+      x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="pre_norm")(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, self.activation,
                        self.dropout, self.layer_norm_eps, self.remat, self.dtype,
-                       name="encoder")(x, train=train)
+                       self.layer_scale, name="encoder")(x, train=train)
     out["encoded"] = x
+    if self.pool_type == "gap":  # Over the patches, not the prefix tokens.
+      x = x[:, num_prefix:]
     map_head = (layers.MAPHead(self.num_heads, self.mlp_dim, self.layer_norm_eps, self.dtype,
-                               name="map_head") if self.pool_type == "map" else None)
+                               self.activation, name="map_head")
+                if self.pool_type == "map" else None)
     x = layers.pool(x, self.pool_type, map_head=map_head)
     out["pre_logits"] = x
     if self.num_classes:
-      x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+      x = nn.Dense(self.num_classes, use_bias=self.head_bias, dtype=self.dtype, name="head")(x)
     out["logits"] = x
     return x, out
 

@@ -1,0 +1,45 @@
+"""Shared by the importer parity tests: random inputs and our embeddings of them."""
+
+import numpy as np
+
+from agriclip_jax.models import importers
+
+ATOL = 1e-4
+
+
+def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+  """Normalised-looking float32 images, NCHW (what PyTorch models take)."""
+  return np.random.default_rng(seed).normal(size=(n, 3, size, size)).astype(np.float32)
+
+
+def random_tokens(n: int, length: int, vocab: int, eot: int, seed: int = 0,
+                  sot: int | None = None) -> np.ndarray:
+  """Rows laid out as our tokenizers do: [sot] text... eot 0 0 ... (ids in [1, eot))."""
+  rng = np.random.default_rng(seed)
+  out = np.zeros((n, length), np.int64)
+  for row in out:
+    ids = ([] if sot is None else [sot]) + list(rng.integers(1, min(eot, vocab), size=rng.integers(
+        1, length - 1 - (sot is not None) + 1))) + [eot]
+    row[:len(ids)] = ids[:length - 1] + [eot] if len(ids) > length else ids
+  return out
+
+
+def normalize(x) -> np.ndarray:
+  x = np.asarray(x, np.float64)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def our_embeddings(checkpoint, images_nchw=None, tokens=None):
+  """(image embeddings, text embeddings), unnormalised, from our model of `checkpoint`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  with jax.default_matmul_precision("highest"):
+    size = None if images_nchw is None else images_nchw.shape[-1]
+    model, params = importers.build(checkpoint, image_size=size)
+    images = None if images_nchw is None else images_nchw.transpose(0, 2, 3, 1)
+    if "txt" not in checkpoint.model:
+      return np.asarray(model.apply({"params": params}, images)[0]), None
+    zimg, ztxt, extras = model.apply({"params": params}, images,
+                                     None if tokens is None else tokens.astype(np.int32))
+    out_img = None if zimg is None else np.asarray(zimg) * np.asarray(extras["img/norm"])[:, None]
+    out_txt = None if ztxt is None else np.asarray(ztxt) * np.asarray(extras["txt/norm"])[:, None]
+    return out_img, out_txt
