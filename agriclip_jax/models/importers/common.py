@@ -295,12 +295,14 @@ def _reshapeable(source: tuple[int, ...], target: tuple[int, ...]) -> bool:
 
 
 def fit(checkpoint: Checkpoint, target: Mapping[str, Any], select: Callable[[str], bool],
-        where: str) -> dict[str, np.ndarray]:
+        where: str, optional: bool = False) -> dict[str, np.ndarray]:
   """The checkpoint's parameters that `select` keeps, shaped like `target`'s
-  (path -> ShapeDtypeStruct); a position grid of another size is resampled. Raises one line
-  naming the first parameters that do not fit."""
+  (path -> ShapeDtypeStruct); a position grid of another size is resampled. `optional`
+  includes `checkpoint.optional` (a classifier head). Raises one line naming the first
+  parameters that do not fit."""
   out, problems = {}, []
-  for key, value in {**checkpoint.params, **checkpoint.optional}.items():
+  source = {**checkpoint.params, **(checkpoint.optional if optional else {})}
+  for key, value in source.items():
     if not select(key):
       continue
     if key not in target:
