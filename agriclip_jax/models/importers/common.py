@@ -49,6 +49,9 @@ class Checkpoint:
   context_length: int | None = None
   # Parameters of the file that are not wanted by default (a classifier head): path -> array.
   optional: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  # How `fit` resizes a position grid (grid, height, width) -> grid, where the source resizes
+  # differently from PyTorch's plain bicubic (`resample_grid`, used when None).
+  resample: Callable[[np.ndarray, int, int], np.ndarray] | None = None
 
   def num_params(self) -> int:
     return int(sum(np.prod(v.shape) for v in self.params.values()))
@@ -311,7 +314,7 @@ def fit(checkpoint: Checkpoint, target: Mapping[str, Any], select: Callable[[str
     shape = tuple(target[key].shape)
     if key.endswith("pos_embedding") and value.ndim == 4 and value.shape != shape:
       if value.shape[3] == shape[3] and len(shape) == 4:
-        value = resample_grid(value, shape[1], shape[2])
+        value = (checkpoint.resample or resample_grid)(value, shape[1], shape[2])
     elif (key.endswith("txt/pos_embedding") and value.ndim == 3 and len(shape) == 3
           and value.shape[2] == shape[2] and value.shape[1] > shape[1]):
       value = value[:, :shape[1]]  # A shorter context keeps the first positions.

@@ -1,0 +1,157 @@
+"""Hugging Face DINOv2 directories: `Dinov2Model` (model_type "dinov2", facebook/dinov2-*) and
+`Dinov2WithRegistersModel` ("dinov2_with_registers", facebook/dinov2-with-registers-*):
+config.json + model.safetensors (or pytorch_model.bin).
+
+The image tower maps onto `vit.Model` with the "dinov2" preset: a class token, then the register
+tokens (no position embedding on them), LayerScale on both residual branches, exact GELU, and
+class-token pooling after the final LayerNorm (HF's `pooler_output` is
+`layernorm(last_hidden_state)[:, 0]`). A classification directory (`Dinov2ForImageClassification`)
+reads as its backbone: its head takes [class token, mean of patches], a form our tower has not.
+The SwiGLU MLP of ViT-g/14 (`mlp.weights_in/weights_out`) is refused.
+
+Position embeddings at another resolution. HF resamples the [1 + N, w] table at run time with
+PyTorch's bicubic `interpolate(size=grid)` (align_corners=False); this version of transformers no
+longer uses the original repository's `scale_factor` with its +0.1 offset. For `Dinov2Model`
+that is exactly `common.resample_grid`. `Dinov2WithRegistersModel` passes `antialias=True`, as
+the original registers models do, which is a different kernel even when enlarging: Keys' cubic
+with a = -0.5 (PIL's) instead of -0.75, taps outside the grid dropped and the rest renormalised
+instead of clamped to the edge, and the kernel widened by the ratio when shrinking.
+`antialiased_resample_grid` computes those weights, so both families resampled at import equal
+HF's output at the new resolution.
+"""
+
+import os
+import re
+
+import numpy as np
+
+from agriclip_jax.models.importers import common
+from agriclip_jax.models.importers import hf_clip
+from agriclip_jax.models.importers.common import Rule, conv, linear
+
+FORMAT = "hf_dinov2"
+MODEL_TYPES = ("dinov2", "dinov2_with_registers")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Where a classification directory keeps the backbone; the SwiGLU MLP's keys (ViT-g/14).
+PREFIXES = ("dinov2.", "dinov2_with_registers.")
+SWIGLU = re.compile(r".*\.mlp\.(weights_in|weights_out|gate_proj|up_proj|down_proj)\..*")
+
+
+def rules() -> list[Rule]:
+  block = r"encoder\.layer\.(?P<block>\d+)\."
+  out = "img/encoder/{block}/"
+  return [
+      Rule(r"embeddings\.cls_token", "img/cls"),
+      Rule(r"embeddings\.register_tokens", "img/registers"),
+      Rule(r"embeddings\.mask_token", None),  # Replaces masked patches in pretraining only.
+      Rule(r"embeddings\.position_embeddings", "img/pos_embedding"),
+      Rule(r"embeddings\.patch_embeddings\.projection\.weight", "img/embedding/kernel", conv),
+      Rule(r"embeddings\.patch_embeddings\.projection\.bias", "img/embedding/bias"),
+      Rule(block + r"attention\.attention\.(?P<attn>query|key|value)\.weight",
+           out + "attn/{attn}/kernel", linear),
+      Rule(block + r"attention\.attention\.(?P<attn>query|key|value)\.bias",
+           out + "attn/{attn}/bias"),
+      Rule(block + r"attention\.output\.dense\.weight", out + "attn/out/kernel", linear),
+      Rule(block + r"attention\.output\.dense\.bias", out + "attn/out/bias"),
+      Rule(block + r"layer_scale(?P<n>[12])\.lambda1", out + "ls{n}/gamma"),
+      Rule(block + r"norm(?P<n>[12])\.weight", out + "norm{n}/scale"),
+      Rule(block + r"norm(?P<n>[12])\.bias", out + "norm{n}/bias"),
+      Rule(block + r"mlp\.(?P<fc>fc[12])\.weight", out + "mlp/{fc}/kernel", linear),
+      Rule(block + r"mlp\.(?P<fc>fc[12])\.bias", out + "mlp/{fc}/bias"),
+      Rule(r"layernorm\.weight", "img/encoder/norm/scale"),
+      Rule(r"layernorm\.bias", "img/encoder/norm/bias"),
+      Rule(r"classifier\..*", None),  # Linear on [cls, mean of patches]: no such head here.
+  ]
+
+
+def detect(path: str) -> bool:
+  return hf_clip.model_type(path) in MODEL_TYPES
+
+
+def _square(value, name: str) -> int:
+  """A config size that may be an int or a [height, width] pair; only square ones fit."""
+  if isinstance(value, (list, tuple)):
+    if len(set(value)) != 1:
+      raise common.CheckpointImportError(f"{name} {list(value)} is not square")
+    value = value[0]
+  return int(value)
+
+
+def tower(config: dict) -> dict:
+  """`model.img` keyword arguments from a Hugging Face DINOv2 config."""
+  act = config.get("hidden_act", "gelu")
+  if act not in hf_clip.ACTIVATIONS:
+    raise common.CheckpointImportError(f"activation {act!r} is not supported")
+  width = config["hidden_size"]
+  out = dict(preset="dinov2", width=width, depth=config["num_hidden_layers"],
+             mlp_dim=int(width * config.get("mlp_ratio", 4)),
+             num_heads=config["num_attention_heads"],
+             patch_size=_square(config.get("patch_size", 14), "patch_size"),
+             activation=hf_clip.ACTIVATIONS[act],
+             layer_norm_eps=config.get("layer_norm_eps", 1e-6))
+  if config.get("num_register_tokens"):
+    out["num_registers"] = int(config["num_register_tokens"])
+  return out
+
+
+def _zero_qkv_biases(params: dict, depth: int, width: int) -> None:
+  """Bias-free q/k/v projections (config qkv_bias=False) are zero biases in our attention."""
+  for block in range(depth):
+    for name in ("query", "key", "value"):
+      params[f"img/encoder/block{block:02d}/attn/{name}/bias"] = np.zeros(width, np.float32)
+
+
+def read(path: str) -> common.Checkpoint:
+  config = common.read_json(os.path.join(path, "config.json"))
+  state = common.strip_prefixes(common.read_weights(hf_clip.weights_file(path)), PREFIXES)
+  swiglu = sorted(k for k in state if SWIGLU.fullmatch(k))
+  if swiglu or config.get("use_swiglu_ffn"):
+    raise common.CheckpointImportError(
+        f"{path}: the SwiGLU MLP of DINOv2 ViT-g/14 (use_swiglu_ffn, "
+        f"{swiglu[0] if swiglu else 'mlp.weights_in'}) is not supported; use ViT-S/B/L")
+  params = common.convert(state, rules(), path)
+  common.fold_class_position(params, "img", num_prefix=1)
+  img = tower(config)
+  if not config.get("qkv_bias", True):
+    _zero_qkv_biases(params, img["depth"], img["width"])
+  size = _square(config.get("image_size", 518), "image_size")
+  prep = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, **hf_clip.preprocessing(path, size)}
+  resample = (antialiased_resample_grid if config.get("model_type") == "dinov2_with_registers"
+              else None)
+  return common.Checkpoint(FORMAT, path, params, dict(img=img), resample=resample, **prep)
+
+
+# ------------------------------------------------------------------ antialiased resampling
+
+def _keys_cubic(x: np.ndarray, a: float) -> np.ndarray:
+  x = np.abs(x)
+  near = (a + 2) * x ** 3 - (a + 3) * x ** 2 + 1
+  far = a * x ** 3 - 5 * a * x ** 2 + 8 * a * x - 4 * a
+  return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+
+def antialiased_cubic_weights(in_size: int, out_size: int, a: float = -0.5) -> np.ndarray:
+  """[out, in] weights of PyTorch's `interpolate(mode="bicubic", antialias=True)`: output i
+  centres at (i + 0.5) * in / out; the kernel spans 2 * max(in / out, 1) inputs either side,
+  only the taps inside the grid count, renormalised to sum to one."""
+  scale = in_size / out_size
+  stretch = max(scale, 1.0)
+  weights = np.zeros((out_size, in_size))
+  for i in range(out_size):
+    center = (i + 0.5) * scale
+    # PyTorch truncates toward zero, as int() does, before clipping to the grid.
+    first = max(int(center - 2 * stretch + 0.5), 0)
+    stop = min(int(center + 2 * stretch + 0.5), in_size)
+    taps = _keys_cubic((np.arange(first, stop) + 0.5 - center) / stretch, a)
+    weights[i, first:stop] = taps / taps.sum()
+  return weights
+
+
+def antialiased_resample_grid(grid: np.ndarray, height: int, width: int) -> np.ndarray:
+  """[1, gh, gw, d] position grid -> [1, height, width, d] as DINOv2 with registers resizes."""
+  _, gh, gw, _ = grid.shape
+  rows = antialiased_cubic_weights(gh, height)
+  cols = antialiased_cubic_weights(gw, width)
+  out = np.einsum("hi,wj,bijd->bhwd", rows, cols, grid.astype(np.float64))
+  return out.astype(grid.dtype)
