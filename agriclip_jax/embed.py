@@ -12,6 +12,8 @@ import argparse
 import os
 import sys
 
+from agriclip_jax import predict
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
@@ -20,7 +22,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m agriclip_jax.embed",
                                    description=__doc__.splitlines()[0])
   parser.add_argument("images", nargs="*", help="Image files or directories.")
-  parser.add_argument("--checkpoint", required=True, help="Workdir of a run.")
+  parser.add_argument("--checkpoint", required=True, help=predict.CHECKPOINT_HELP)
+  predict.add_checkpoint_options(parser)
   parser.add_argument("--out", required=True, help="Output .npy file.")
   parser.add_argument("--texts", help="File with one text per line (instead of images).")
   args = parser.parse_args(argv)
@@ -33,7 +36,8 @@ def main(argv=None) -> int:
   try:
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
       raise errors.ConfigError(f"--out {args.out}: its directory does not exist")
-    model = inference.Model.load(args.checkpoint)
+    model = inference.Model.load(args.checkpoint, format=args.checkpoint_format,
+                                 tokenizer=args.tokenizer)
     if args.texts:
       try:
         with open(args.texts, encoding="utf-8") as f:

@@ -52,11 +52,13 @@ class Model:
   context: evaluators.Context
 
   @classmethod
-  def load(cls, checkpoint: str, batch_size: int = 64) -> "Model":
-    if not os.path.isdir(checkpoint):
-      raise config_lib.ConfigError(f"--checkpoint {checkpoint} is not a directory")
+  def load(cls, checkpoint: str, batch_size: int = 64, format: str | None = None,  # pylint: disable=redefined-builtin
+           tokenizer: str | None = None) -> "Model":
+    """A run's workdir or an imported checkpoint (see `runs.load`)."""
+    if not os.path.exists(checkpoint):
+      raise config_lib.ConfigError(f"--checkpoint {checkpoint} does not exist")
     mesh = sharding.make_mesh([("data", -1), ("fsdp", 1)], jax.local_devices())
-    run = runs.load(checkpoint, mesh)
+    run = runs.load(checkpoint, mesh, format, tokenizer)
     batch_size = -(-batch_size // mesh.size) * mesh.size  # A whole number of shards.
     context = evaluators.Context(
         mesh=mesh, params_sharding=run.params_sharding,

@@ -21,11 +21,26 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
+CHECKPOINT_HELP = ("A run's workdir, or a pretrained checkpoint: a Hugging Face CLIP / SigLIP "
+                   "directory, an open_clip directory or file (embed also takes image towers: "
+                   "timm, big_vision, DINO, DINOv2, DINO ResNet-50).")
+
+
+def add_checkpoint_options(parser) -> None:
+  """--checkpoint-format and --tokenizer, for checkpoints that are not this project's runs."""
+  parser.add_argument("--checkpoint-format", dest="checkpoint_format", default=None,
+                      help="Format of --checkpoint when it cannot be detected (see "
+                      "`python -m agriclip_jax.models.inspect`).")
+  parser.add_argument("--tokenizer", default=None,
+                      help="A tokenizer directory, for checkpoints that ship none.")
+
+
 def parse(argv):
   parser = argparse.ArgumentParser(prog="python -m agriclip_jax.predict",
                                    description=__doc__.splitlines()[0])
   parser.add_argument("images", nargs="+", help="Image files or directories.")
-  parser.add_argument("--checkpoint", required=True, help="Workdir of an image-text run.")
+  parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+  add_checkpoint_options(parser)
   group = parser.add_mutually_exclusive_group(required=True)
   group.add_argument("--classes", help="File with one class name per line.")
   group.add_argument("--labels", help="Comma-separated class names.")
@@ -92,7 +107,8 @@ def predict(args):
     raise config_lib.ConfigError(f"--top-k must be at least 1; got {args.top_k}")
   prompted, reported, index = read_classes(args)
   files = inference.image_files_or_error(args.images)
-  model = inference.Model.load(args.checkpoint)
+  model = inference.Model.load(args.checkpoint, format=args.checkpoint_format,
+                               tokenizer=args.tokenizer)
   templates = args.templates.split("|") if "{}" in args.templates else args.templates
   classes = model.classes(prompted, templates)
   arrays, kept, skipped = inference.decode_images(files, model.run.image_size)

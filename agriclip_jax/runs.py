@@ -1,17 +1,22 @@
-"""A finished run's workdir as a model to use: config, tokenizer, parameters, encoders.
+"""A finished run's workdir, or an imported checkpoint, as a model to use: config, tokenizer,
+parameters, encoders.
 
-Evaluation jobs, the alignment stage and the predict / embed commands load runs this way.
-Parameters are placed on the given mesh with the run's own sharding rules, so a model that
-was trained sharded is evaluated sharded.
+Evaluation jobs, the alignment stage and the predict / embed commands load models this way:
+a run's workdir, or any checkpoint `models.importers` reads (a Hugging Face CLIP / SigLIP /
+DINOv2 directory, an open_clip directory or file, a timm / big_vision / DINO file), with that
+checkpoint's own tokenizer and preprocessing. Parameters are placed on the given mesh with the
+run's own sharding rules, so a model that was trained sharded is evaluated sharded.
 """
 
 import dataclasses
 import functools
+import json
 import os
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from agriclip_jax import config_lib
@@ -20,6 +25,7 @@ from agriclip_jax.input import preprocess
 from agriclip_jax.input import tokenizer as tokenizer_lib
 from agriclip_jax.models import classifier
 from agriclip_jax.models import dino as dino_model
+from agriclip_jax.models import importers
 from agriclip_jax.models import two_towers
 from agriclip_jax.models import vit
 from agriclip_jax.trainers import state as state_lib
@@ -63,9 +69,25 @@ def _normalizer(config):
                            std=tuple(config.input.std))
 
 
-def load(workdir: str, mesh: jax.sharding.Mesh) -> Run:
-  """The run in `workdir` at its latest checkpoint, on `mesh`."""
+def is_run(path: str) -> bool:
+  """Whether `path` is a workdir of this project's (its config.json names a trainer)."""
+  config_path = os.path.join(path, "config.json")
+  if not os.path.isfile(config_path):
+    return False
+  try:
+    with open(config_path) as f:
+      return "trainer" in json.load(f)
+  except (OSError, ValueError):
+    return False
+
+
+def load(workdir: str, mesh: jax.sharding.Mesh, format: str | None = None,  # pylint: disable=redefined-builtin
+         tokenizer: str | None = None) -> Run:
+  """The run in `workdir` at its latest checkpoint, or an imported checkpoint (`format`
+  detected unless given; `tokenizer` a tokenizer directory for checkpoints without one)."""
   workdir = config_lib.absolute(workdir)
+  if format or not is_run(workdir):
+    return load_imported(workdir, mesh, format, tokenizer)
   config = state_lib.run_config(workdir)
   if config.trainer == "align":
     return _load_agriclip(config, workdir, mesh)
@@ -97,6 +119,38 @@ def load(workdir: str, mesh: jax.sharding.Mesh) -> Run:
     return Run(workdir, config, step, params, params_sharding, image_size, features)
   raise config_lib.ConfigError(f"{workdir}: a {config.trainer!r} run has no model to "
                                "evaluate (use the runs it reads)")
+
+
+def load_imported(path: str, mesh: jax.sharding.Mesh, format: str | None = None,  # pylint: disable=redefined-builtin
+                  tokenizer: str | None = None) -> Run:
+  """A pretrained checkpoint in another project's format (see `models.importers`)."""
+  checkpoint = importers.read(path, format)
+  model, params = importers.build(checkpoint)
+  shapes = jax.eval_shape(lambda p: p, params)
+  params_sharding = sharding.param_shardings(mesh, shapes, [(".*", "fsdp")])
+  params = jax.device_put(params, params_sharding)
+  config = ml_collections.ConfigDict(dict(
+      trainer="imported", format=checkpoint.format, model=checkpoint.model,
+      input=dict(image_size=checkpoint.image_size, mean=list(checkpoint.mean),
+                 std=list(checkpoint.std))))
+  normalize = _normalizer(config)
+  image_size = checkpoint.image_size or 224
+  if "txt" not in checkpoint.model:  # An image tower: its pooled features.
+    return Run(path, config, 0, params, params_sharding, image_size,
+               lambda p, x: two_towers.l2_normalize(
+                   model.apply({"params": p}, normalize(x))[0].astype(jnp.float32)))
+  length = checkpoint.context_length or 77
+  if tokenizer:
+    text_tokenizer = tokenizer_lib.from_pretrained(tokenizer, length)
+  elif checkpoint.tokenizer is not None:
+    text_tokenizer = checkpoint.tokenizer(length)
+  else:
+    raise config_lib.ConfigError(
+        f"{path} ({checkpoint.format}) names no tokenizer: pass a tokenizer directory (e.g. "
+        "the matching Hugging Face model's) with --tokenizer")
+  return Run(path, config, 0, params, params_sharding, image_size,
+             lambda p, x: model.apply({"params": p}, normalize(x), None)[0],
+             lambda p, t: model.apply({"params": p}, None, t)[1], text_tokenizer)
 
 
 def _load_agriclip(config, workdir: str, mesh) -> Run:

@@ -3,7 +3,8 @@
 from agriclip_jax.evaluators import base as evaluators
 
 # The demo image tower; alive_lit.py:demo locks a tower of this shape from image_pretrain.py.
-TOWER = dict(width=128, depth=2, mlp_dim=512, num_heads=4)
+# `preset` is there to be overridden (--config.model.img.preset=clip); "" = none.
+TOWER = dict(preset="", width=128, depth=2, mlp_dim=512, num_heads=4)
 IMAGE_TOWER = dict(TOWER, patch_size=8, pool_type="gap")
 
 

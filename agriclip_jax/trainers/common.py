@@ -77,7 +77,16 @@ def base_config() -> ml_collections.ConfigDict:
   config.init = dict(
       workdir="",  # Copy parameters from this run's latest checkpoint ({workdir} allowed).
       params=".*",  # Regex: which of its parameters to copy...
-      skip="",  # ...and which not.
+      skip="",  # ...and which not (also for the checkpoints below; skipped ones stay random).
+      # Pretrained checkpoints in other formats (see models/importers): `model` fills both
+      # towers and the logit scale/bias; `img` / `txt` fill one tower each. `format` is
+      # detected when "", `classifier` also loads an image checkpoint's classifier head.
+      model=dict(path="", format=""),
+      img=dict(path="", format="", classifier=False),
+      txt=dict(path="", format=""),
+      # Regex of parameters that a loaded checkpoint lacks and that may keep their random
+      # initial values (e.g. a new projection head); any other gap stops the run.
+      allow_random="",
   )
   # Runs this one needs, trained first when unfinished: [dict(workdir=..., config=...)],
   # e.g. the image tower LiT locks, or the CLIP and DINO runs an alignment reads.

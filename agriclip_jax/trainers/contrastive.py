@@ -30,8 +30,8 @@ def default_config() -> ml_collections.ConfigDict:
       max_examples=200_000,  # Examples whose captions train the BPE.
   )
   config.model = dict(
-      img=dict(variant="B/16", pool_type="gap", head=True),
-      txt=dict(variant="B", head=True),
+      img=dict(preset="", variant="B/16", pool_type="gap", head=True),
+      txt=dict(preset="", variant="B", head=True),
       out_dim=512,
       logit_scale_init=10.0,
       logit_bias_init=None,

@@ -41,7 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
   config = common.base_config()
   config.trainer = "dino"
   config.model = dict(
-      img=dict(variant="S/16", pool_type="tok"),
+      img=dict(preset="", variant="S/16", pool_type="tok"),
       head=dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256, num_layers=3,
                 norm_last_layer=True),
       dtype="float32")

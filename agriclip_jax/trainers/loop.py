@@ -108,14 +108,16 @@ class Loop:
     state, loaded = self.spec.init(), set()
     if self.config.init.get("workdir"):
       state, loaded = state_lib.load_params(self.config.init, state, self.spec, self.workdir)
-      if self.spec.refresh is not None:
-        state = self.spec.refresh(state)
+    state, imported = state_lib.load_pretrained(self.config.init, state, self.spec)
+    loaded |= imported
+    if loaded and self.spec.refresh is not None:
+      state = self.spec.refresh(state)
     frozen = [k for k, label in self.spec.labels.items()
               if label == optim.FROZEN and k not in loaded]
     if frozen:
       raise config_lib.ConfigError(
           f"{len(frozen)} frozen parameters (e.g. {frozen[0]}) would keep their random "
-          "initial values: load them with config.init (workdir / params) or unfreeze them "
+          "initial values: load them with config.init (workdir, model, img, txt) or unfreeze them "
           "in config.optim.rules")
     return state
 

@@ -19,6 +19,7 @@ from agriclip_jax import checkpointing
 from agriclip_jax import config_lib
 from agriclip_jax import optim
 from agriclip_jax import sharding
+from agriclip_jax.models import importers
 from agriclip_jax.pytree import flatten, unflatten
 
 
@@ -111,6 +112,50 @@ def load_params(init_config, state, spec: StateSpec, workdir: str):
   loaded = flatten(loaded["params"])
   logging.info("Initialised %d of %d parameter arrays from %s", len(loaded), len(target), path)
   return {**state, "params": unflatten({**flatten(state["params"]), **loaded})}, set(loaded)
+
+
+# config.init entries naming pretrained checkpoints -> the parameter paths each may fill.
+PRETRAINED_SOURCES = (("model", ""), ("img", "img/"), ("txt", "txt/"))
+
+
+def load_pretrained(init_config, state, spec: StateSpec):
+  """(state with parameters from the checkpoints `config.init.{model,img,txt}` name, the paths
+  loaded). Every checkpoint is converted (models/importers), checked against this model's
+  shapes (one line naming the first misfits) and placed with the parameters' shardings.
+  Parameters of a filled tower that the checkpoint lacks stop the run unless
+  `config.init.skip` or `config.init.allow_random` matches them."""
+  target = flatten(spec.abstract["params"])
+  skip = (config_lib.compile_regex(init_config.skip, "config.init.skip")
+          if init_config.get("skip") else None)
+  allow = (config_lib.compile_regex(init_config.allow_random, "config.init.allow_random")
+           if init_config.get("allow_random") else None)
+  loaded = {}
+  for name, prefix in PRETRAINED_SOURCES:
+    source = init_config.get(name) or {}
+    if not source.get("path"):
+      continue
+    where = f"config.init.{name}"
+    checkpoint = importers.read(source["path"], source.get("format") or None)
+    keep = lambda k, p=prefix: k.startswith(p) and not (skip and skip.fullmatch(k))
+    arrays = importers.common.fit(checkpoint, target, keep, where,
+                                  optional=bool(source.get("classifier")))
+    missing = [k for k in target if keep(k) and k not in arrays
+               and not (allow and allow.fullmatch(k))]
+    if missing:
+      raise config_lib.ConfigError(
+          f"{where}: {len(missing)} parameters of this model are not in {checkpoint.path} and "
+          f"would stay random: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; "
+          "allow them with config.init.allow_random (a regex) or config.init.skip")
+    logging.info("%s: %d parameter arrays from %s (%s)", where, len(arrays), checkpoint.path,
+                 checkpoint.format)
+    loaded.update(arrays)
+  if not loaded:
+    return state, set()
+  shardings = flatten(spec.shardings["params"])
+  placed = {k: jax.make_array_from_callback(v.shape, shardings[k], lambda i, v=v: v[i])
+            for k, v in loaded.items()}
+  params = unflatten({**flatten(state["params"]), **placed})
+  return {**state, "params": params}, set(loaded)
 
 
 def run_config(workdir: str):

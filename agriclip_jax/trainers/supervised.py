@@ -23,7 +23,7 @@ def default_config() -> ml_collections.ConfigDict:
   """Every field this trainer reads, with its default."""
   config = common.base_config()
   config.trainer = "supervised"
-  config.model = dict(img=dict(variant="B/16", pool_type="gap"), dtype="float32")
+  config.model = dict(img=dict(preset="", variant="B/16", pool_type="gap"), dtype="float32")
   config.label_smoothing = 0.0
   return config
 

@@ -27,9 +27,9 @@ FORMATS = {
 
 
 def module(name: str):
-  if name not in FORMATS:
+  if name not in available():
     raise common.CheckpointImportError(
-        f"unknown checkpoint format {name!r}; known: {', '.join(FORMATS)}")
+        f"unknown checkpoint format {name!r}; known: {', '.join(available())}")
   return importlib.import_module(f"{__name__}.{FORMATS[name]}")
 
 
@@ -76,6 +76,10 @@ def build(checkpoint: common.Checkpoint, dtype: str = "float32",
     model = two_towers.make(ml_collections.ConfigDict(dict(checkpoint.model, dtype=dtype)))
     tokens = jnp.zeros((1, checkpoint.context_length or 77), jnp.int32)
     shapes = jax.eval_shape(model.init, jax.random.key(0), images, tokens)["params"]
+  elif checkpoint.model["img"].get("arch", "").startswith("resnet"):
+    from agriclip_jax.models import resnet  # pylint: disable=g-import-not-at-top
+    model = resnet.Model(**resnet.tower_kwargs(checkpoint.model["img"], dtype=dtype))
+    shapes = {"img": jax.eval_shape(model.init, jax.random.key(0), images)["params"]}
   else:
     model = vit.Model(**two_towers.tower_kwargs(checkpoint.model["img"], "img",
                                                 checkpoint.model.get("out_dim"), dtype))

@@ -1,0 +1,92 @@
+"""config.init from pretrained checkpoints: a run starts from imported weights, or stops with one
+line when they do not fit."""
+
+import jax
+import numpy as np
+import pytest
+
+from agriclip_jax import runs
+from agriclip_jax import sharding
+from conftest import launch
+import importer_utils as utils
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+# tests/tiny_config.py's towers (width 32, depth 1, 2 heads, MLP 64; 32 px, patch 8;
+# 16 text positions; embeddings 32) in CLIP form.
+CLIP_FORM = ("--config.model.img.preset=clip", "--config.model.img.pool_type=tok",
+             "--config.model.txt.preset=clip")
+
+
+def _hf_clip(path, width=32):
+  torch.manual_seed(0)
+  tower = dict(hidden_size=width, intermediate_size=64, num_hidden_layers=1,
+               num_attention_heads=2)
+  config = transformers.CLIPConfig(
+      text_config=dict(tower, vocab_size=300, max_position_embeddings=16, bos_token_id=2,
+                       eos_token_id=1, pad_token_id=0),
+      vision_config=dict(tower, image_size=32, patch_size=8), projection_dim=32)
+  model = transformers.CLIPModel(config).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  model.save_pretrained(path)
+  return model
+
+
+def test_clip_run_starts_from_imported_weights(data_dir, tmp_path):
+  reference = _hf_clip(tmp_path / "hf")
+  workdir = tmp_path / "run"
+  result = launch(str(workdir), "tests/tiny_config.py:kind=clip", *CLIP_FORM,
+                  f"--config.init.model.path={tmp_path / 'hf'}", "--config.optim.lr=0",
+                  "--config.total_steps=2", data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "config.init.model: " in result.stderr and "(hf_clip)" in result.stderr
+  mesh = sharding.make_mesh([("data", -1), ("fsdp", 1)], jax.local_devices()[:1])
+  run = runs.load(str(workdir), mesh)
+  images = utils.random_images(2, 32)
+  with torch.no_grad():
+    want = reference.get_image_features(pixel_values=torch.from_numpy(images))
+  want = getattr(want, "pooler_output", want).numpy()
+  with jax.default_matmul_precision("highest"):
+    # encode_images takes uint8 pixels; feed normalised floats straight to the model instead.
+    model_params = run.params
+    from agriclip_jax.models import two_towers  # pylint: disable=g-import-not-at-top
+    model = two_towers.make(run.config.model, vocab_size=300)
+    zimg, _, extras = model.apply({"params": model_params}, images.transpose(0, 2, 3, 1), None)
+  got = np.asarray(zimg) * np.asarray(extras["img/norm"])[:, None]
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--config.model.img.width=48",),
+     "config.init.model: {hf} (hf_clip) does not fit the configured model: img/cls is "
+     "(1, 1, 32) in the checkpoint vs (1, 1, 48) here"),
+    (("--config.model.img.preset=", "--config.model.img.pool_type=gap"),
+     "img/cls (1, 1, 32) is not in this model"),
+])
+def test_checkpoint_that_does_not_fit_is_one_line(data_dir, tmp_path, flags, message):
+  _hf_clip(tmp_path / "hf")
+  result = launch(str(tmp_path / "run"), "tests/tiny_config.py:kind=clip", *CLIP_FORM, *flags,
+                  f"--config.init.model.path={tmp_path / 'hf'}", data_dir=data_dir)
+  assert result.returncode == 2, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1, result.stderr[-3000:]
+  assert message.format(hf=tmp_path / "hf") in errors[0], errors[0]
+  assert "Traceback" not in result.stderr
+
+
+def test_parameters_the_checkpoint_lacks_must_be_allowed_to_stay_random(data_dir, tmp_path):
+  _hf_clip(tmp_path / "hf")
+  common_flags = (*CLIP_FORM, f"--config.init.model.path={tmp_path / 'hf'}",
+                  "--config.init.skip=img/head/.*", "--config.total_steps=2")
+  result = launch(str(tmp_path / "run"), "tests/tiny_config.py:kind=clip", *common_flags,
+                  "--config.model.logit_bias_init=-10.0", data_dir=data_dir)
+  assert result.returncode == 2
+  assert "1 parameters of this model are not in" in result.stderr
+  assert "logit_bias" in result.stderr and "config.init.allow_random" in result.stderr
+  result = launch(str(tmp_path / "run"), "tests/tiny_config.py:kind=clip", *common_flags,
+                  "--config.model.logit_bias_init=-10.0", "--config.init.allow_random=logit_bias",
+                  data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
