@@ -3,12 +3,16 @@
 Every tokenizer here produces fixed-length int32 rows laid out the same way:
 `[sot] text... eot 0 0 ...` — id 0 is padding, the end-of-text token is always present (text is
 truncated to make room for it) and is the last non-zero token, which is where the text tower
-pools.
+pools. SigLIP's tokenizer is the exception: its text tower attends to the padding (as it was
+trained) and pools at the last position, so its rows are padded with SigLIP's own pad id
+(`pad_id`, 1, the same id as its end-of-text token), exactly as its reference tokenizer pads.
 """
 
 import glob
 import json
 import os
+import re
+import string
 from typing import Iterable, Sequence
 
 from absl import logging
@@ -26,8 +30,8 @@ class Tokenizer:
   """Wraps a `tokenizers.Tokenizer` with fixed-length, padded, EOT-terminated encoding."""
 
   def __init__(self, tokenizer: tokenizers.Tokenizer, max_len: int, eot_id: int,
-               sot_id: int | None = None):
-    if eot_id == 0:
+               sot_id: int | None = None, pad_id: int = 0):
+    if eot_id == 0 and pad_id == 0:
       raise config_lib.ConfigError(
           "the tokenizer's end-of-text id is 0, which is reserved for padding")
     if max_len < 2 + (sot_id is not None):
@@ -36,37 +40,54 @@ class Tokenizer:
     self.max_len = max_len
     self.eot_id = eot_id
     self.sot_id = sot_id
+    self.pad_id = pad_id
     self.vocab_size = tokenizer.get_vocab_size()
 
   def encode(self, texts: Sequence[str]) -> np.ndarray:
     """int32 [len(texts), max_len]."""
-    out = np.zeros((len(texts), self.max_len), np.int32)
+    out = np.full((len(texts), self.max_len), self.pad_id, np.int32)
     head = [] if self.sot_id is None else [self.sot_id]
     room = self.max_len - len(head) - 1
+    # SigLIP's reference does not append end-of-text to a text that already ends with it
+    # (written out in the text); other tokenizers always append it.
+    once = getattr(self.tokenizer, "eot_appended_once", False)
     for row, encoding in zip(out, self.tokenizer.encode_batch(list(texts),
                                                               add_special_tokens=False)):
-      ids = head + encoding.ids[:room] + [self.eot_id]
+      ids = head + encoding.ids[:room]
+      if not (once and ids[-1:] == [self.eot_id]):
+        ids.append(self.eot_id)
       row[:len(ids)] = ids
     return out
 
   def decode(self, ids: Sequence[int]) -> str:
-    special = {0, self.eot_id, self.sot_id}
+    special = {self.pad_id, self.eot_id, self.sot_id}
     return self.tokenizer.decode([int(i) for i in ids if int(i) not in special])
 
   def save(self, directory: str) -> None:
-    """tokenizer.json + tokenizer_layout.json in `directory` (what `load` reads back)."""
+    """tokenizer.json (or SigLIP's spiece.model) + tokenizer_layout.json in `directory` (what
+    `load` reads back)."""
     os.makedirs(directory, exist_ok=True)
-    self.tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    layout = {"max_len": self.max_len, "eot_id": self.eot_id, "sot_id": self.sot_id,
+              "pad_id": self.pad_id}
+    if isinstance(self.tokenizer, SiglipSentencePiece):
+      layout["siglip_sentencepiece"] = self.tokenizer.save(directory)
+    else:
+      self.tokenizer.save(os.path.join(directory, "tokenizer.json"))
     with open(os.path.join(directory, "tokenizer_layout.json"), "w") as f:
-      json.dump({"max_len": self.max_len, "eot_id": self.eot_id, "sot_id": self.sot_id}, f)
+      json.dump(layout, f)
 
 
 def load(directory: str) -> Tokenizer:
-  """The tokenizer a run saved with `Tokenizer.save`."""
+  """The tokenizer a run saved with `Tokenizer.save` (files saved before `pad_id` existed pad
+  with 0, as they did then)."""
   with open(os.path.join(directory, "tokenizer_layout.json")) as f:
     layout = json.load(f)
-  return Tokenizer(tokenizers.Tokenizer.from_file(os.path.join(directory, "tokenizer.json")),
-                   **layout)
+  siglip = layout.pop("siglip_sentencepiece", None)
+  if siglip is not None:
+    tok = SiglipSentencePiece.load(directory, **siglip)
+  else:
+    tok = tokenizers.Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+  return Tokenizer(tok, **layout)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
@@ -87,13 +108,22 @@ def from_trained(tok: tokenizers.Tokenizer, max_len: int) -> Tokenizer:
 
 
 def from_pretrained(path: str, max_len: int) -> Tokenizer:
-  """A Hugging Face tokenizer directory (tokenizer.json or anything AutoTokenizer reads)."""
+  """A Hugging Face tokenizer directory: tokenizer.json, SigLIP's SentencePiece model
+  (spiece.model), or anything else AutoTokenizer reads.
+
+  A SigLIP directory's rows are padded with its pad token (its text tower attends to the
+  padding, as trained); every other tokenizer's with 0.
+  """
   if not os.path.isdir(path):
     raise FileNotFoundError(f"tokenizer directory {path} does not exist")
   json_path = os.path.join(path, "tokenizer.json")
+  siglip = _is_siglip(path)
+  config = _special_tokens_from_config(path)
   if os.path.exists(json_path):
     tok = tokenizers.Tokenizer.from_file(json_path)
-    config = _special_tokens_from_config(path)
+  elif siglip:
+    config = {**SIGLIP_SPECIAL_TOKENS, **config}
+    tok = SiglipSentencePiece.from_directory(path, config)
   else:
     import transformers  # pylint: disable=g-import-not-at-top  (heavy; only for this case)
     hf = transformers.AutoTokenizer.from_pretrained(path)
@@ -105,7 +135,25 @@ def from_pretrained(path: str, max_len: int) -> Tokenizer:
   if eot_id is None:
     raise config_lib.ConfigError(f"tokenizer in {path} has no end-of-text token ({eot!r})")
   sot_id = tok.token_to_id(sot) if sot else None
-  return Tokenizer(tok, max_len, eot_id=eot_id, sot_id=sot_id)
+  pad_id = 0
+  if siglip and config.get("pad_token"):
+    pad_id = tok.token_to_id(config["pad_token"])
+    if pad_id is None:
+      raise config_lib.ConfigError(
+          f"tokenizer in {path} has no padding token ({config['pad_token']!r})")
+  return Tokenizer(tok, max_len, eot_id=eot_id, sot_id=sot_id, pad_id=pad_id)
+
+
+def _is_siglip(path: str) -> bool:
+  """Whether the directory holds a SigLIP model or SigLIP's tokenizer."""
+  for name, key in (("tokenizer_config.json", "tokenizer_class"), ("config.json", "model_type")):
+    file = os.path.join(path, name)
+    if os.path.isfile(file):
+      with open(file) as f:
+        value = json.load(f).get(key) or ""
+      if value:
+        return value.lower().startswith("siglip")
+  return False
 
 
 def _special_tokens_from_config(path: str) -> dict:
@@ -117,6 +165,134 @@ def _special_tokens_from_config(path: str) -> dict:
           if k.endswith("_token") and v is not None:
             out.setdefault(k, v["content"] if isinstance(v, dict) else v)
   return out
+
+
+# SigLIP's tokenizer's special tokens where its files do not name them.
+SIGLIP_SPECIAL_TOKENS = dict(eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+WORD_START = "\u2581"  # SentencePiece's mark of a word's start ("▁").
+
+
+class _Ids:
+  """One text's ids, shaped like the `tokenizers.Encoding` that `Tokenizer` reads."""
+  __slots__ = ("ids",)
+
+  def __init__(self, ids: list[int]):
+    self.ids = ids
+
+
+class SiglipSentencePiece:
+  """SigLIP's text tokenization over its SentencePiece model, id for id as Hugging Face's
+  `SiglipTokenizer` does it (the reference SiglipModel checkpoints are used with), with the
+  `tokenizers.Tokenizer` methods that `Tokenizer` calls.
+
+  SigLIP's `canonicalize_text` is what makes it differ from plain SentencePiece: special-token
+  strings ("</s>") are split out of the text first and kept as their ids; each other part is
+  lower-cased, stripped of ASCII punctuation, its whitespace runs collapsed and its ends
+  stripped; only the text's first part starts with a word mark (so leading whitespace leaves a
+  lone "▁" piece, and a part after a special token starts mid-word), which SentencePiece sees
+  after an "<unk>" prefix that is then dropped. Needs the `sentencepiece` package.
+  """
+  eot_appended_once = True  # The reference does not append "</s>" to a text ending with it.
+
+  def __init__(self, model: bytes, special: dict[str, int], lower_case: bool = True,
+               unk_token: str = "<unk>"):
+    try:
+      import sentencepiece  # pylint: disable=g-import-not-at-top  (SigLIP tokenizers only)
+    except ImportError:
+      raise config_lib.ConfigError("SigLIP's tokenizer needs the sentencepiece package "
+                                   "(pip install sentencepiece)") from None
+    self.model = model
+    self.processor = sentencepiece.SentencePieceProcessor(model_proto=model)
+    self.special = dict(special)
+    self.lower_case = lower_case
+    self.unk_token = unk_token
+    self._unk_length = len(self.processor.encode(unk_token, out_type=str))
+    longest_first = sorted(self.special, key=len, reverse=True)
+    self._special_pattern = (re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
+                             if longest_first else None)
+    self._no_punctuation = str.maketrans("", "", string.punctuation)
+
+  @classmethod
+  def from_directory(cls, path: str, config: dict) -> "SiglipSentencePiece":
+    """From spiece.model and the special tokens and casing of tokenizer_config.json."""
+    model_path = os.path.join(path, "spiece.model")
+    if not os.path.isfile(model_path):
+      raise config_lib.ConfigError(f"{path}: a SigLIP directory without spiece.model or "
+                                   "tokenizer.json has no tokenizer")
+    with open(model_path, "rb") as f:
+      model = f.read()
+    settings = {}
+    config_path = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(config_path):
+      with open(config_path) as f:
+        settings = json.load(f)
+    # Added tokens and the named special tokens are split out of texts before anything else.
+    special = {token["content"]: int(token_id)
+               for token_id, token in settings.get("added_tokens_decoder", {}).items()}
+    names = [v for k, v in config.items() if k.endswith("_token")]
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+      if isinstance(settings.get(key), list):
+        names += settings[key]
+    probe = cls(model, {})
+    for token in names:
+      token = token["content"] if isinstance(token, dict) else token
+      if token not in special:
+        token_id = probe.token_to_id(token)
+        if token_id is None:
+          raise config_lib.ConfigError(f"{path}: special token {token!r} is not in spiece.model")
+        special[token] = token_id
+    return cls(model, special, lower_case=settings.get("do_lower_case", True),
+               unk_token=config.get("unk_token", "<unk>"))
+
+  def _part_pieces(self, part: str) -> list[str]:
+    """SentencePiece pieces of one canonicalised part of a text."""
+    if self.lower_case:
+      part = part.lower()
+    part = re.sub(r"\s+", " ", part.translate(self._no_punctuation)).strip()
+    pieces = self.processor.encode(self.unk_token + part, out_type=str)
+    return pieces[self._unk_length:] if len(pieces) >= self._unk_length else pieces
+
+  def _encode(self, text: str) -> list[int]:
+    text = WORD_START + text.replace(WORD_START, " ")
+    parts = self._special_pattern.split(text) if self._special_pattern else [text]
+    pieces = []
+    for part in parts:
+      if part in self.special:
+        pieces.append(part)
+      elif part:
+        pieces.extend(self._part_pieces(part))
+    if len(pieces) > 1 and pieces[0] == WORD_START and pieces[1] in self.special:
+      pieces = pieces[1:]  # A text that starts with a special token has no lone word mark.
+    return [self.special[p] if p in self.special else self.processor.piece_to_id(p)
+            for p in pieces]
+
+  def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[_Ids]:
+    del add_special_tokens  # `Tokenizer` lays out the special tokens itself.
+    return [_Ids(self._encode(text)) for text in texts]
+
+  def get_vocab_size(self) -> int:
+    return max([self.processor.get_piece_size()] + [i + 1 for i in self.special.values()])
+
+  def token_to_id(self, token: str) -> int | None:
+    if token in self.special:
+      return self.special[token]
+    token_id = self.processor.piece_to_id(token)
+    return token_id if self.processor.id_to_piece(token_id) == token else None
+
+  def decode(self, ids: Sequence[int]) -> str:
+    size = self.processor.get_piece_size()
+    return self.processor.decode([int(i) for i in ids if 0 <= int(i) < size])
+
+  def save(self, directory: str) -> dict:
+    """Writes spiece.model; returns the rest of the settings, for `load`."""
+    with open(os.path.join(directory, "spiece.model"), "wb") as f:
+      f.write(self.model)
+    return dict(special=self.special, lower_case=self.lower_case, unk_token=self.unk_token)
+
+  @classmethod
+  def load(cls, directory: str, **settings) -> "SiglipSentencePiece":
+    with open(os.path.join(directory, "spiece.model"), "rb") as f:
+      return cls(f.read(), **settings)
 
 
 def trained_on_captions(sources, path: str, vocab_size: int, max_len: int,
