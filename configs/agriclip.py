@@ -16,8 +16,19 @@ stage alone runs everything. The demo does that on the synthetic dataset in minu
   aligner) 0.552, their mix 0.803 zero-shot top-1; alignment R^2 0.779 on held-out images
   (6 min 15 s on 2 CPU cores, every stage included; measured 2026-11-22).
 
-Options: stage=clip|dino|align|eval (default eval), demo, tasks=<comma-separated
-agri_downstream tasks the eval stage scores, default all of the registry>.
+From pretrained weights, as published: CLIP fine-tuned from OpenAI's ViT-B/16 (a Hugging
+Face `openai/clip-vit-base-patch16` directory, or open_clip's OpenAI `ViT-B-16` file), and a
+pretrained DINO tower aligned instead of one trained here (facebookresearch/dino's
+`dino_resnet50_pretrain.pth` — 2048-d features, what AgriCLIP's released aligners use — or
+`dino_vitbase16_pretrain.pth`; any image checkpoint models/importers reads):
+
+  python launch.py --config configs/agriclip.py:stage=eval,clip_init=/data/clip-vit-base-patch16,dino=/data/dino_resnet50_pretrain.pth \\
+      --workdir R/eval
+
+Options: stage=clip|dino|align|eval (default eval), demo, tasks=<agri_downstream tasks the
+eval stage scores, default all of the registry>, clip_init=<CLIP checkpoint the clip stage
+fine-tunes>, dino=<pretrained image checkpoint the align stage uses instead of the dino stage>
+(paths without commas).
 """
 
 from agriclip_jax import config_lib
@@ -30,19 +41,26 @@ STAGES = ("clip", "dino", "align", "eval")
 
 
 def get_config(arg=None):
-  options = config_lib.parse_arg(arg, stage="eval", demo=False, tasks="")
+  options = config_lib.parse_arg(arg, stage="eval", demo=False, tasks="", clip_init="",
+                                 dino="")
   if options.stage not in STAGES:
     raise config_lib.ConfigError(f"stage={options.stage!r}; expected one of {STAGES}")
   demo = "demo" if options.demo else None
   if options.stage == "clip":
-    return alive_clip.get_config(demo)
+    return alive_clip.get_config(
+        demo if not options.clip_init else f"pretrained={options.clip_init}")
   if options.stage == "dino":
     return alive_dino.get_config(demo)
   config = align.default_config()
-  this = f"configs/agriclip.py:stage={{}}{',demo' if options.demo else ''}"
+  this = "configs/agriclip.py:stage={}" + "".join(
+      f",{k}={options[k]}" for k in ("clip_init", "dino") if options[k])
+  this += ",demo" if options.demo else ""
   if options.stage == "align":
-    config.requires = [dict(workdir="{workdir}/../clip", config=this.format("clip")),
-                       dict(workdir="{workdir}/../dino", config=this.format("dino"))]
+    config.requires = [dict(workdir="{workdir}/../clip", config=this.format("clip"))]
+    if options.dino:  # A pretrained image tower: nothing to train.
+      config.align.dino_workdir = options.dino
+    else:
+      config.requires.append(dict(workdir="{workdir}/../dino", config=this.format("dino")))
   else:  # eval: the align stage's aligner, on the evaluation datasets.
     config.requires = [dict(workdir="{workdir}/../align", config=this.format("align"))]
     config.align.aligner_workdir = "{workdir}/../align"

@@ -12,13 +12,22 @@ Full recipe (ViT-B/16, after preparing ALive with TFDS, see README):
 
   python launch.py --config configs/alive_clip.py --workdir workdirs/alive_clip
 
+Fine-tuning a pretrained CLIP instead (AgriCLIP's first stage starts from OpenAI's ViT-B/16:
+the Hugging Face directory `openai/clip-vit-base-patch16`, or open_clip's `ViT-B-16` OpenAI
+file; BioCLIP's open_clip directory with family=open_clip):
+
+  python launch.py --config configs/alive_clip.py:pretrained=/data/clip-vit-base-patch16 \
+      --workdir workdirs/alive_clip_ft
+
 Options (after the colon, comma-separated): demo, img=<ViT variant>, txt=<text size>,
 batch=<global batch>, steps=<total steps>, loss=softmax|sigmoid, inat=<weight of
-iNaturalist-2021 mixed into the training data, relative to ALive's 1; 0 = none>.
+iNaturalist-2021 mixed into the training data, relative to ALive's 1; 0 = none>,
+pretrained=<CLIP checkpoint to fine-tune>, family=clip|open_clip (its activation).
 """
 
 from agriclip_jax import config_lib
 from agriclip_jax.evaluators import base as evaluators
+from agriclip_jax.models import presets
 from agriclip_jax.trainers import contrastive
 from configs import demo_common
 
@@ -26,7 +35,7 @@ from configs import demo_common
 def get_config(arg=None):
   options = config_lib.parse_arg(arg, demo=False, img="B/16", txt="B", batch=0, steps=0,
                                  inat=0.0,
-                                 loss="softmax")
+                                 loss="softmax", pretrained="", family="clip")
   config = contrastive.default_config()
   config.loss = options.loss
   if options.loss == "sigmoid":
@@ -35,6 +44,8 @@ def get_config(arg=None):
     demo(config)
   else:
     alive_recipe(config, options.img, options.txt)
+    if options.pretrained:
+      fine_tune(config, options.pretrained, options.family, options.img)
   if options.inat:
     add_inaturalist(config, options.inat)
   if options.batch:
@@ -55,6 +66,30 @@ def alive_recipe(config, img: str, txt: str) -> None:
   config.model.logit_scale_init = 1 / 0.07
   config.optim.update(lr=5e-4, warmup_steps=1000, weight_decay=0.2, b2=0.98, eps=1e-6)
   config.evals.val = evaluators.make("zeroshot", split="validation")
+
+
+# CLIP image towers -> (text tower size, embedding width) of the released models.
+CLIP_TEXT = {"B": ("M", 512), "L": ("B", 768)}
+
+
+def fine_tune(config, path: str, family: str, img: str) -> None:
+  """Fine-tunes a pretrained CLIP (AgriCLIP starts from OpenAI's ViT-B/16; BioCLIP is an
+  open_clip ViT-B/16): both towers, projections and scale from `path`, its tokenizer."""
+  if family not in ("clip", "open_clip"):
+    raise config_lib.ConfigError(f"family={family!r}; expected clip (OpenAI, QuickGELU) or "
+                                 "open_clip (GELU)")
+  size = img.split("/")[0]
+  if size not in CLIP_TEXT:
+    raise config_lib.ConfigError(f"img={img!r}: released CLIPs are B/16, B/32, L/14")
+  text, width = CLIP_TEXT[size]
+  config.model.img = dict(preset=family, variant=img, head=True)
+  config.model.txt = dict(preset=family, variant=text, head=True)
+  config.model.out_dim = width
+  config.model.logit_scale_init = 100.0  # Replaced by the checkpoint's.
+  config.tokenizer.max_len = 77
+  config.init.model.path = path
+  config.input.mean, config.input.std = presets.normalization(family)
+  config.optim.update(lr=1e-5, warmup_steps=500, weight_decay=0.1)
 
 
 def demo(config):

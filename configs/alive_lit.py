@@ -10,18 +10,28 @@ classes only) into <workdir>/image_tower:
   training classes' test images (chance 0.017): 152 s on 2 CPU cores, image-tower stage and
   dataset build included (measured 2026-11-22; the run is deterministic).
 
-Full recipe (after preparing ALive; the image tower from a supervised or imported run):
+Full recipe (after preparing ALive), locking the image tower of one of this project's runs:
 
   python launch.py --config configs/alive_lit.py --workdir workdirs/alive_lit \\
       --config.init.workdir=PRETRAINED_RUN_WORKDIR
 
+or a downloaded one (`tower=` names its family; `python -m agriclip_jax.models.inspect PATH`
+tells which): a timm / AugReg ViT, BioCLIP's image tower (its open_clip directory), DINOv2:
+
+  python launch.py --config configs/alive_lit.py:tower=timm,img=L/16,size=384 \\
+      --workdir workdirs/alive_lit_l16 --config.init.img.path=/data/vit_large_patch16_384
+  python launch.py --config configs/alive_lit.py:tower=open_clip,img=B/16 \\
+      --workdir workdirs/alive_lit_bioclip --config.init.img.path=/data/bioclip
+
 Options: demo, img=<ViT variant>, txt=<text size>, batch=<global batch>, steps=<total steps>,
 head=<bool: trainable linear head on the locked tower>, inat=<weight of iNaturalist-2021 mixed
-into the training data, relative to ALive's 1; 0 = none>.
+into the training data, relative to ALive's 1; 0 = none>, tower=<family of an imported image
+tower: timm, clip, open_clip, siglip, dino, dinov2>, size=<image size>.
 """
 
 from agriclip_jax import config_lib
 from agriclip_jax.evaluators import base as evaluators
+from agriclip_jax.models import presets
 from agriclip_jax.trainers import contrastive
 from configs import alive_clip
 from configs import demo_common
@@ -32,7 +42,7 @@ IMAGE_PRETRAIN_DEMO = "configs/image_pretrain.py:demo"
 def get_config(arg=None):
   options = config_lib.parse_arg(arg, demo=False, img="B/16", txt="B", batch=0, steps=0,
                                  inat=0.0,
-                                 head=True)
+                                 head=True, tower="", size=0)
   config = contrastive.default_config()
   # Locked image: the trunk is frozen; only its optional linear head learns, with the text.
   config.optim.rules = [("img/head/.*", {}), ("img/.*", None), (".*", {})]
@@ -49,6 +59,10 @@ def get_config(arg=None):
     config.model.out_dim = 512
     config.optim.update(lr=5e-4, warmup_steps=500, weight_decay=0.1, b2=0.98, eps=1e-6)
     config.evals.val = evaluators.make("zeroshot", split="validation")
+    if options.tower:
+      lock_imported_tower(config, options.tower, options.img, options.head)
+  if options.size:
+    config.input.image_size = options.size
   if options.inat:
     alive_clip.add_inaturalist(config, options.inat)
   if options.batch:
@@ -56,6 +70,14 @@ def get_config(arg=None):
   if options.steps:
     config.total_steps = options.steps
   return config
+
+
+def lock_imported_tower(config, family: str, img: str, head: bool) -> None:
+  """Locks a pretrained image tower of another project's format, given with
+  --config.init.img.path: the family's architecture and image normalisation."""
+  config.model.img = dict(preset=family, variant=img, head=head)
+  config.input.mean, config.input.std = presets.normalization(family)
+  config.init.params = ".*"  # (config.init.workdir is not used.)
 
 
 def demo(config, options):

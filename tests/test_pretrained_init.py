@@ -1,12 +1,15 @@
 """config.init from pretrained checkpoints: a run starts from imported weights, or stops with one
 line when they do not fit."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
 
 from agriclip_jax import runs
 from agriclip_jax import sharding
+from agriclip_jax.input import tokenizer as tokenizer_lib
 from conftest import launch
 import importer_utils as utils
 
@@ -20,12 +23,20 @@ CLIP_FORM = ("--config.model.img.preset=clip", "--config.model.img.pool_type=tok
 
 
 def _hf_clip(path, width=32):
+  """A random CLIP in Hugging Face's format, with a tokenizer of its own (ids 1 and 2 are its
+  end- and start-of-text tokens, as in our BPE's layout)."""
+  path.mkdir()
+  tok = tokenizer_lib.train_bpe([f"a {c} {s} {k}" for c in ("red", "green", "blue", "white")
+                                 for s in ("spotted", "plain") for k in ("leaf", "cow")], 300)
+  tok.save(str(path / "tokenizer.json"))
+  (path / "tokenizer_config.json").write_text(json.dumps(
+      {"bos_token": tokenizer_lib.SOT, "eos_token": tokenizer_lib.EOT}))
   torch.manual_seed(0)
   tower = dict(hidden_size=width, intermediate_size=64, num_hidden_layers=1,
                num_attention_heads=2)
   config = transformers.CLIPConfig(
-      text_config=dict(tower, vocab_size=300, max_position_embeddings=16, bos_token_id=2,
-                       eos_token_id=1, pad_token_id=0),
+      text_config=dict(tower, vocab_size=tok.get_vocab_size(), max_position_embeddings=16,
+                       bos_token_id=2, eos_token_id=1, pad_token_id=0),
       vision_config=dict(tower, image_size=32, patch_size=8), projection_dim=32)
   model = transformers.CLIPModel(config).eval()
   with torch.no_grad():
@@ -53,7 +64,7 @@ def test_clip_run_starts_from_imported_weights(data_dir, tmp_path):
     # encode_images takes uint8 pixels; feed normalised floats straight to the model instead.
     model_params = run.params
     from agriclip_jax.models import two_towers  # pylint: disable=g-import-not-at-top
-    model = two_towers.make(run.config.model, vocab_size=300)
+    model = two_towers.make(run.config.model, vocab_size=run.tokenizer.vocab_size)
     zimg, _, extras = model.apply({"params": model_params}, images.transpose(0, 2, 3, 1), None)
   got = np.asarray(zimg) * np.asarray(extras["img/norm"])[:, None]
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)

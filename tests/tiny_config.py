@@ -24,6 +24,11 @@ def get_config(arg=None):
     config = alive_lit.get_config("demo")
     config.requires = [dict(workdir="{workdir}/image_tower",
                             config="tests/tiny_config.py:kind=pretrain")]
+  elif options.kind == "lit_imported":  # Locks the tower of --config.init.img.path (timm form).
+    config = alive_lit.get_config("demo")
+    config.requires = []
+    config.init.workdir = ""
+    config.model.img.update(preset="timm", pool_type="tok")
   elif options.kind == "pretrain":
     config = image_pretrain.get_config("demo")
   elif options.kind == "dino":

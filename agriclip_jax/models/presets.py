@@ -35,6 +35,22 @@ TEXT = {
 }
 
 
+# The image normalisation (mean, std) each family's checkpoints were trained with.
+NORMALIZATION = {
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "timm": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # AugReg / in21k; ImageNet-1k-only use ImageNet's.
+    "dino": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+NORMALIZATION.update(open_clip=NORMALIZATION["clip"], dinov2=NORMALIZATION["dino"])
+
+
+def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  if name not in NORMALIZATION:
+    raise config_lib.ConfigError(f"unknown tower family {name!r}; one of {sorted(NORMALIZATION)}")
+  return NORMALIZATION[name]
+
+
 def get(name: str, kind: str) -> dict:
   table = IMAGE if kind == "img" else TEXT
   if name not in table:

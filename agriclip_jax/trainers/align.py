@@ -46,7 +46,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.trainer = "align"
   config.total_steps = 1  # Unused: alignment is a fit, not training steps.
   config.align = dict(
-      dino_workdir="{workdir}/../dino",  # Its teacher's backbone features are aligned.
+      # The DINO run whose teacher's backbone features are aligned, or a pretrained image
+      # checkpoint (e.g. DINO's ResNet-50, as AgriCLIP's released aligners use); the CLIP run
+      # or checkpoint whose image embeddings are the target and whose text tower prompts.
+      dino_workdir="{workdir}/../dino",
       clip_workdir="{workdir}/../clip",
       aligner_workdir="",  # Evaluate this align run's aligner instead of fitting one.
       fit_split="train",
@@ -70,10 +73,14 @@ class Towers:
     a = config.align
     self.runs = {"dino": runs.load(config_lib.expand_path(a.dino_workdir, workdir), mesh),
                  "clip": runs.load(config_lib.expand_path(a.clip_workdir, workdir), mesh)}
-    if self.runs["dino"].config.trainer != "dino" or not self.runs["clip"].has_text:
+    # The image features: a DINO run, or an imported image tower (DINO ViT / ResNet-50, ...).
+    dino = self.runs["dino"]
+    if (dino.config.trainer not in ("dino", "imported") or dino.has_text
+        or not self.runs["clip"].has_text):
       raise config_lib.ConfigError(
-          "align.dino_workdir / clip_workdir must hold a DINO and an image-text run; got "
-          f"{self.runs['dino'].config.trainer!r} and {self.runs['clip'].config.trainer!r}")
+          "align.dino_workdir / clip_workdir must hold a DINO run or an imported image tower, "
+          f"and an image-text run or checkpoint; got {dino.config.trainer!r} and "
+          f"{self.runs['clip'].config.trainer!r}")
     self.tokenizer = self.runs["clip"].tokenizer
     self.replicated = sharding.replicated(mesh)
     # The aligner is a placeholder until it is fitted (or loaded).

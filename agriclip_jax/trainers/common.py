@@ -200,7 +200,9 @@ def jit_step(step: Callable, spec: state_lib.StateSpec, mesh: jax.sharding.Mesh)
 
 
 def make_tokenizer(config, sources) -> tokenizer_lib.Tokenizer:
-  """A pretrained tokenizer, or a BPE trained on the captions of `sources` (and cached).
+  """A pretrained tokenizer (config.tokenizer.path, else that of the checkpoint
+  config.init.model / config.init.txt loads), or a BPE trained on the captions of `sources`
+  (and cached).
 
   `sources` is [(builder, source, component)]; the BPE is saved beside the first dataset
   under a name that identifies what it was trained on.
@@ -208,6 +210,16 @@ def make_tokenizer(config, sources) -> tokenizer_lib.Tokenizer:
   if config.tokenizer.path:
     return tokenizer_lib.from_pretrained(os.path.expanduser(config.tokenizer.path),
                                          config.tokenizer.max_len)
+  pretrained = config.init.model.path or config.init.txt.path
+  if pretrained:  # A pretrained text tower reads its own tokenizer's ids.
+    from agriclip_jax.models import importers  # pylint: disable=g-import-not-at-top
+    source = config.init.model if config.init.model.path else config.init.txt
+    checkpoint = importers.read(source.path, source.format or None)
+    if checkpoint.tokenizer is None:
+      raise config_lib.ConfigError(
+          f"{checkpoint.path} ({checkpoint.format}) ships no tokenizer: set config.tokenizer.path "
+          "to the matching tokenizer directory")
+    return checkpoint.tokenizer(config.tokenizer.max_len)
   key = json.dumps([[b.info.full_name, c["split"], c["text_key"]] for b, _, c in sources]
                    + [config.tokenizer.vocab_size, config.tokenizer.max_examples])
   digest = hashlib.sha1(key.encode()).hexdigest()[:10]

@@ -58,7 +58,8 @@ DATASET_FIELDS = dict(
 def default_config() -> ml_collections.ConfigDict:
   config = common.base_config()
   config.trainer = "eval"
-  config.checkpoints = ""  # Comma-separated run workdirs.
+  # Comma-separated run workdirs or pretrained checkpoints (any format models/importers reads).
+  config.checkpoints = ""
   config.names = ""  # Comma-separated names for them ("" = the workdirs' base names).
   config.datasets = ml_collections.ConfigDict()  # name -> fields of DATASET_FIELDS
   config.metrics = ",".join(METRICS)
