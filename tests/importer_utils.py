@@ -1,7 +1,10 @@
 """Shared by the importer parity tests: random inputs and our embeddings of them."""
 
+import json
+
 import numpy as np
 
+from agriclip_jax.input import tokenizer as tokenizer_lib
 from agriclip_jax.models import importers
 
 ATOL = 1e-4
@@ -43,3 +46,29 @@ def our_embeddings(checkpoint, images_nchw=None, tokens=None):
     out_img = None if zimg is None else np.asarray(zimg) * np.asarray(extras["img/norm"])[:, None]
     out_txt = None if ztxt is None else np.asarray(ztxt) * np.asarray(extras["txt/norm"])[:, None]
     return out_img, out_txt
+
+
+def hf_clip_with_tokenizer(path, width=32):
+  """A random CLIP in Hugging Face's format, with a tokenizer of its own (ids 1 and 2 are its
+  end- and start-of-text tokens, as in our BPE's layout)."""
+  path.mkdir()
+  tok = tokenizer_lib.train_bpe([f"a {c} {s} {k}" for c in ("red", "green", "blue", "white")
+                                 for s in ("spotted", "plain") for k in ("leaf", "cow")], 300)
+  tok.save(str(path / "tokenizer.json"))
+  (path / "tokenizer_config.json").write_text(json.dumps(
+      {"bos_token": tokenizer_lib.SOT, "eos_token": tokenizer_lib.EOT}))
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  tower = dict(hidden_size=width, intermediate_size=64, num_hidden_layers=1,
+               num_attention_heads=2)
+  config = transformers.CLIPConfig(
+      text_config=dict(tower, vocab_size=tok.get_vocab_size(), max_position_embeddings=16,
+                       bos_token_id=2, eos_token_id=1, pad_token_id=0),
+      vision_config=dict(tower, image_size=32, patch_size=8), projection_dim=32)
+  model = transformers.CLIPModel(config).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  model.save_pretrained(path)
+  return model

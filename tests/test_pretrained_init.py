@@ -1,15 +1,12 @@
 """config.init from pretrained checkpoints: a run starts from imported weights, or stops with one
 line when they do not fit."""
 
-import json
-
 import jax
 import numpy as np
 import pytest
 
 from agriclip_jax import runs
 from agriclip_jax import sharding
-from agriclip_jax.input import tokenizer as tokenizer_lib
 from conftest import launch
 import importer_utils as utils
 
@@ -22,32 +19,8 @@ CLIP_FORM = ("--config.model.img.preset=clip", "--config.model.img.pool_type=tok
              "--config.model.txt.preset=clip")
 
 
-def _hf_clip(path, width=32):
-  """A random CLIP in Hugging Face's format, with a tokenizer of its own (ids 1 and 2 are its
-  end- and start-of-text tokens, as in our BPE's layout)."""
-  path.mkdir()
-  tok = tokenizer_lib.train_bpe([f"a {c} {s} {k}" for c in ("red", "green", "blue", "white")
-                                 for s in ("spotted", "plain") for k in ("leaf", "cow")], 300)
-  tok.save(str(path / "tokenizer.json"))
-  (path / "tokenizer_config.json").write_text(json.dumps(
-      {"bos_token": tokenizer_lib.SOT, "eos_token": tokenizer_lib.EOT}))
-  torch.manual_seed(0)
-  tower = dict(hidden_size=width, intermediate_size=64, num_hidden_layers=1,
-               num_attention_heads=2)
-  config = transformers.CLIPConfig(
-      text_config=dict(tower, vocab_size=tok.get_vocab_size(), max_position_embeddings=16,
-                       bos_token_id=2, eos_token_id=1, pad_token_id=0),
-      vision_config=dict(tower, image_size=32, patch_size=8), projection_dim=32)
-  model = transformers.CLIPModel(config).eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.05 * torch.randn_like(p))
-  model.save_pretrained(path)
-  return model
-
-
 def test_clip_run_starts_from_imported_weights(data_dir, tmp_path):
-  reference = _hf_clip(tmp_path / "hf")
+  reference = utils.hf_clip_with_tokenizer(tmp_path / "hf")
   workdir = tmp_path / "run"
   result = launch(str(workdir), "tests/tiny_config.py:kind=clip", *CLIP_FORM,
                   f"--config.init.model.path={tmp_path / 'hf'}", "--config.optim.lr=0",
@@ -78,7 +51,7 @@ def test_clip_run_starts_from_imported_weights(data_dir, tmp_path):
      "img/cls (1, 1, 32) is not in this model"),
 ])
 def test_checkpoint_that_does_not_fit_is_one_line(data_dir, tmp_path, flags, message):
-  _hf_clip(tmp_path / "hf")
+  utils.hf_clip_with_tokenizer(tmp_path / "hf")
   result = launch(str(tmp_path / "run"), "tests/tiny_config.py:kind=clip", *CLIP_FORM, *flags,
                   f"--config.init.model.path={tmp_path / 'hf'}", data_dir=data_dir)
   assert result.returncode == 2, result.stderr[-3000:]
@@ -89,7 +62,7 @@ def test_checkpoint_that_does_not_fit_is_one_line(data_dir, tmp_path, flags, mes
 
 
 def test_parameters_the_checkpoint_lacks_must_be_allowed_to_stay_random(data_dir, tmp_path):
-  _hf_clip(tmp_path / "hf")
+  utils.hf_clip_with_tokenizer(tmp_path / "hf")
   common_flags = (*CLIP_FORM, f"--config.init.model.path={tmp_path / 'hf'}",
                   "--config.init.skip=img/head/.*", "--config.total_steps=2")
   result = launch(str(tmp_path / "run"), "tests/tiny_config.py:kind=clip", *common_flags,

@@ -115,9 +115,17 @@ def tokenizer_factory(path: str):
   return make
 
 
+# CLIPVisionConfig's and CLIPTextConfig's defaults: a config.json may list only what differs.
+VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                       num_attention_heads=12, patch_size=32, image_size=224)
+TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048,
+                     num_hidden_layers=12, num_attention_heads=8, max_position_embeddings=77)
+
+
 def read(path: str) -> common.Checkpoint:
   config = common.read_json(os.path.join(path, "config.json"))
-  vision, text = config["vision_config"], config["text_config"]
+  vision = {**VISION_DEFAULTS, **(config.get("vision_config") or {})}
+  text = {**TEXT_DEFAULTS, **(config.get("text_config") or {})}
   params = common.convert(common.read_weights(weights_file(path)), rules(), path)
   common.fold_class_position(params, "img", num_prefix=1)
   params["txt/pos_embedding"] = params["txt/pos_embedding"][None]

@@ -1,0 +1,96 @@
+"""predict / embed / inspect on an imported checkpoint (a Hugging Face CLIP directory): the
+same probabilities transformers gives for our preprocessing of the same files."""
+
+import io
+import json
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from agriclip_jax import embed
+from agriclip_jax import predict
+from agriclip_jax.input import preprocess
+from agriclip_jax.input import tokenizer as tokenizer_lib
+from agriclip_jax.models import inspect
+import importer_utils as utils
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+LABELS = ["red spotted leaf", "green plain cow", "white spotted cow"]
+
+
+def _photos(directory):
+  directory.mkdir()
+  rng = np.random.default_rng(0)
+  for i, size in enumerate([(40, 30), (32, 50)]):
+    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(directory / f"photo{i}.png")
+  (directory / "broken.jpg").write_bytes(b"not a jpeg")
+  return directory
+
+
+def _reference_probabilities(reference, files, tokenizer):
+  pixels = []
+  for path in files:
+    with open(path, "rb") as f:
+      image = preprocess.eval_image(f.read(), 32).astype(np.float32) / 255
+    pixels.append(((image - preprocess.CLIP_MEAN) / preprocess.CLIP_STD).transpose(2, 0, 1))
+  tokens = tokenizer.encode([f"a photo of a {label}." for label in LABELS])
+  with torch.no_grad():
+    img = reference.get_image_features(pixel_values=torch.tensor(np.stack(pixels)))
+    txt = reference.get_text_features(input_ids=torch.tensor(tokens.astype(np.int64)))
+  img = utils.normalize(getattr(img, "pooler_output", img).numpy())
+  txt = utils.normalize(getattr(txt, "pooler_output", txt).numpy())
+  logits = float(reference.logit_scale.detach().exp()) * img @ txt.T
+  logits -= logits.max(1, keepdims=True)
+  return np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+
+
+def test_predict_and_embed_with_a_hugging_face_clip_directory(tmp_path, capsys):
+  checkpoint = tmp_path / "hf"
+  reference = utils.hf_clip_with_tokenizer(checkpoint).eval()
+  photos = _photos(tmp_path / "photos")
+  code = predict.main(["--checkpoint", str(checkpoint), "--labels", ",".join(LABELS),
+                       "--templates", "a photo of a {}.", "--format", "json", "--top-k", "3",
+                       str(photos)])
+  captured = capsys.readouterr()
+  assert code == 1 and "skipped" in captured.err and "broken.jpg" in captured.err
+  result = json.loads(captured.out)
+  files = [p["image"] for p in result["predictions"]]
+  assert [f.rsplit("/", 1)[-1] for f in files] == ["photo0.png", "photo1.png"]
+  tokenizer = tokenizer_lib.from_pretrained(str(checkpoint), 16)
+  want = _reference_probabilities(reference, files, tokenizer)
+  for row, prediction in zip(want, result["predictions"]):
+    got = {entry["class"]: entry["probability"] for entry in prediction["top"]}
+    np.testing.assert_allclose([got[label] for label in LABELS], row, atol=1e-4)
+
+  out = tmp_path / "embeddings.npy"
+  assert embed.main(["--checkpoint", str(checkpoint), "--out", str(out),
+                     str(photos / "photo0.png")]) == 0
+  assert np.load(out).shape == (1, 32)
+  capsys.readouterr()
+
+  assert inspect.main([str(checkpoint), "--json"]) == 0
+  info = json.loads(capsys.readouterr().out)
+  assert info["format"] == "hf_clip" and info["tokenizer"] == "included"
+  assert info["model"]["img"]["width"] == 32 and info["context_length"] == 16
+  # Ours: the class token's position embedding (32 numbers) is folded into the class token.
+  assert info["parameters"] == sum(p.numel() for p in reference.parameters()) - 32
+
+
+def test_predict_with_an_unknown_file_is_one_line(tmp_path, capsys):
+  junk = tmp_path / "weights.bin"
+  junk.write_bytes(b"junk")
+  (tmp_path / "p.png").write_bytes(_png())
+  code = predict.main(["--checkpoint", str(junk), "--labels", "a,b", str(tmp_path / "p.png")])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
+  assert "not a checkpoint format this project reads" in err[0]
+
+
+def _png() -> bytes:
+  out = io.BytesIO()
+  Image.new("RGB", (8, 8)).save(out, format="PNG")
+  return out.getvalue()
