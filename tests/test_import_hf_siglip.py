@@ -2,7 +2,6 @@
 (random weights) and token ids equal transformers' SiglipTokenizer's."""
 
 import json
-import os
 import random
 import string
 

@@ -11,6 +11,8 @@ accident. Transforms only re-order axes (e.g. a PyTorch Linear's [out, in] becom
 axes ([in, heads * head_dim] -> [in, heads, head_dim]).
 """
 
+import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -138,6 +140,40 @@ def read_weights(path: str) -> dict[str, Any]:
   if path.endswith(".npz"):
     return read_npz(path)
   return read_torch(path)
+
+
+@contextlib.contextmanager
+def _argparse_namespaces_allowed():
+  """Training checkpoints (timm's, DINO's) pickle their `args` as an argparse.Namespace, which
+  `weights_only` loading refuses: allow that one plain class, and nothing else."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    yield  # read_torch says that torch is needed.
+    return
+  with torch.serialization.safe_globals([argparse.Namespace]):
+    yield
+
+
+def read_state_dict(path: str, wrappers: Sequence[str] = (),
+                    prefixes: Sequence[str] = ()) -> dict[str, np.ndarray]:
+  """The arrays of a weights file: inside the first of `wrappers` it has (a training
+  checkpoint's "teacher", "state_dict", ...), keys without `prefixes` ("module.", ...)."""
+  if path.endswith(".safetensors"):
+    data = read_safetensors(path)
+  else:
+    if not os.path.isfile(path):
+      raise CheckpointImportError(f"{path}: no such file")
+    with _argparse_namespaces_allowed():
+      data = read_torch(path)
+  if not isinstance(data, Mapping):
+    raise CheckpointImportError(f"{path}: holds a {type(data).__name__}, not a state dict")
+  for wrapper in wrappers:
+    if isinstance(data.get(wrapper), Mapping):
+      data = data[wrapper]
+      break
+  state = strip_prefixes(data, prefixes)
+  return {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
 
 
 def read_json(path: str) -> dict[str, Any]:

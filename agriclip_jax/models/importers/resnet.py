@@ -9,8 +9,6 @@ what DINO evaluates and releases); `head.*` and BatchNorm's `num_batches_tracked
 groups (18, 34, 50, 101, 152) is read; wide and grouped (ResNeXt) ones are refused.
 """
 
-import argparse
-import contextlib
 import os
 import re
 from typing import Any, Mapping
@@ -57,36 +55,9 @@ def rules() -> list[Rule]:
   ]
 
 
-@contextlib.contextmanager
-def _namespaces_allowed():
-  """DINO's training checkpoints pickle their `args` as an argparse.Namespace, which
-  `weights_only` loading refuses; allow that one plain class, and nothing else."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    yield  # read_torch says that torch is needed.
-    return
-  with torch.serialization.safe_globals([argparse.Namespace]):
-    yield
-
-
 def read_state(path: str) -> dict[str, np.ndarray]:
   """The ResNet's state dict in `path`, unwrapped (teacher first) and without prefixes."""
-  if path.endswith(".safetensors"):
-    data = common.read_safetensors(path)
-  else:
-    if not os.path.isfile(path):
-      raise common.CheckpointImportError(f"{path}: no such file")
-    with _namespaces_allowed():
-      data = common.read_torch(path)
-  if not isinstance(data, Mapping):
-    raise common.CheckpointImportError(f"{path}: holds a {type(data).__name__}, not a state dict")
-  for wrapper in WRAPPERS:
-    if isinstance(data.get(wrapper), Mapping):
-      data = data[wrapper]
-      break
-  state = common.strip_prefixes(data, PREFIXES)
-  return {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+  return common.read_state_dict(path, WRAPPERS, PREFIXES)
 
 
 def _looks_like_resnet(state: Mapping[str, Any]) -> bool:

@@ -23,8 +23,6 @@ Resampling the position grid to another image size uses timm's own kernel: bicub
 PIL's cubic (a = -0.5) with renormalised edge taps, not PyTorch's plain bicubic.
 """
 
-import argparse
-import contextlib
 import json
 import os
 import pickletools
@@ -298,38 +296,10 @@ def from_state(state: Mapping[str, np.ndarray], config: dict, path: str, format_
       optional=optional, resample=hf_dinov2.antialiased_resample_grid)
 
 
-@contextlib.contextmanager
-def _args_allowed():
-  """Training checkpoints (timm's, DINO's) pickle their `args` as an argparse.Namespace, which
-  `weights_only` loading refuses: allow that one plain class, and nothing else."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    yield  # read_torch says that torch is needed.
-    return
-  with torch.serialization.safe_globals([argparse.Namespace]):
-    yield
-
-
 def read_state(path: str, wrappers=("state_dict", "model"),
                prefixes=("module.",)) -> dict[str, np.ndarray]:
-  """The state dict of a weights file: the first of `wrappers` that a training checkpoint
-  has (timm's keep `state_dict`), its keys without `prefixes` (DistributedDataParallel's)."""
-  if path.endswith(".safetensors"):
-    data = common.read_safetensors(path)
-  else:
-    if not os.path.isfile(path):
-      raise common.CheckpointImportError(f"{path}: no such file")
-    with _args_allowed():
-      data = common.read_torch(path)
-  if not isinstance(data, Mapping):
-    raise common.CheckpointImportError(f"{path}: holds a {type(data).__name__}, not a state dict")
-  for wrapper in wrappers:
-    if isinstance(data.get(wrapper), Mapping):
-      data = data[wrapper]
-      break
-  state = common.strip_prefixes(data, prefixes)
-  return {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+  """timm's training checkpoints keep the weights under `state_dict`; see common."""
+  return common.read_state_dict(path, wrappers, prefixes)
 
 
 def read(path: str) -> common.Checkpoint:
