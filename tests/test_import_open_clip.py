@@ -144,14 +144,13 @@ def test_gap_pooled_and_other_open_clip_options_equal_open_clip(tmp_path):
 
 def test_resampled_resolution_equals_open_clip_resize(tmp_path):
   """32 -> 48 px (4x4 -> 6x6 patches): equal to open_clip loading the same state dict into
-  a 48 px model through its `resize_pos_embed`, bicubic, which we compare without its
-  antialias flag: for upsampling PyTorch's antialiased bicubic uses another kernel (a=-0.5),
-  while our resampling is PyTorch's plain bicubic (as Hugging Face's CLIP resamples)."""
+  a 48 px model through its own `resize_pos_embed` (antialiased bicubic, as we resample
+  open_clip checkpoints)."""
   small = _perturbed(_openai_model())
   torch.save(small.state_dict(), tmp_path / "small.pt")
   big = _openai_model(image_size=48).eval()
   state = dict(small.state_dict())
-  open_clip.model.resize_pos_embed(state, big, antialias=False)
+  open_clip.model.resize_pos_embed(state, big)
   big.load_state_dict(state)
   checkpoint = importers.read(str(tmp_path / "small.pt"))
   _, params = importers.build(checkpoint, image_size=48)

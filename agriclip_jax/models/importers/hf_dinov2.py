@@ -16,7 +16,7 @@ that is exactly `common.resample_grid`. `Dinov2WithRegistersModel` passes `antia
 the original registers models do, which is a different kernel even when enlarging: Keys' cubic
 with a = -0.5 (PIL's) instead of -0.75, taps outside the grid dropped and the rest renormalised
 instead of clamped to the edge, and the kernel widened by the ratio when shrinking.
-`antialiased_resample_grid` computes those weights, so both families resampled at import equal
+`common.antialiased_resample_grid` computes those weights, so both families resampled at import equal
 HF's output at the new resolution.
 """
 
@@ -117,41 +117,9 @@ def read(path: str) -> common.Checkpoint:
     _zero_qkv_biases(params, img["depth"], img["width"])
   size = _square(config.get("image_size", 518), "image_size")
   prep = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, **hf_clip.preprocessing(path, size)}
-  resample = (antialiased_resample_grid if config.get("model_type") == "dinov2_with_registers"
+  resample = (common.antialiased_resample_grid if config.get("model_type") == "dinov2_with_registers"
               else None)
   return common.Checkpoint(FORMAT, path, params, dict(img=img), resample=resample, **prep)
 
 
 # ------------------------------------------------------------------ antialiased resampling
-
-def _keys_cubic(x: np.ndarray, a: float) -> np.ndarray:
-  x = np.abs(x)
-  near = (a + 2) * x ** 3 - (a + 3) * x ** 2 + 1
-  far = a * x ** 3 - 5 * a * x ** 2 + 8 * a * x - 4 * a
-  return np.where(x < 1, near, np.where(x < 2, far, 0.0))
-
-
-def antialiased_cubic_weights(in_size: int, out_size: int, a: float = -0.5) -> np.ndarray:
-  """[out, in] weights of PyTorch's `interpolate(mode="bicubic", antialias=True)`: output i
-  centres at (i + 0.5) * in / out; the kernel spans 2 * max(in / out, 1) inputs either side,
-  only the taps inside the grid count, renormalised to sum to one."""
-  scale = in_size / out_size
-  stretch = max(scale, 1.0)
-  weights = np.zeros((out_size, in_size))
-  for i in range(out_size):
-    center = (i + 0.5) * scale
-    # PyTorch truncates toward zero, as int() does, before clipping to the grid.
-    first = max(int(center - 2 * stretch + 0.5), 0)
-    stop = min(int(center + 2 * stretch + 0.5), in_size)
-    taps = _keys_cubic((np.arange(first, stop) + 0.5 - center) / stretch, a)
-    weights[i, first:stop] = taps / taps.sum()
-  return weights
-
-
-def antialiased_resample_grid(grid: np.ndarray, height: int, width: int) -> np.ndarray:
-  """[1, gh, gw, d] position grid -> [1, height, width, d] as DINOv2 with registers resizes."""
-  _, gh, gw, _ = grid.shape
-  rows = antialiased_cubic_weights(gh, height)
-  cols = antialiased_cubic_weights(gw, width)
-  out = np.einsum("hi,wj,bijd->bhwd", rows, cols, grid.astype(np.float64))
-  return out.astype(grid.dtype)

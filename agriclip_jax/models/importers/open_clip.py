@@ -23,9 +23,9 @@ attention, ...), a text tower with LayerScale, the final LayerNorm after average
 non-square images, and TorchScript archives (OpenAI's original .pt files: loading one runs its
 code; use a state-dict copy of the weights).
 
-At another image size the position grid is resampled bicubically as PyTorch's plain bicubic
-(`common.resample_grid`); open_clip's own `resize_pos_embed` passes antialias=True, which for
-upsampling is another kernel (a=-0.5), so open_clip itself loading at a new size differs.
+At another image size the position grid is resampled as open_clip's own `resize_pos_embed`
+does it: PyTorch's bicubic with antialias=True (for upsampling another kernel than the plain
+bicubic, a=-0.5), so a model loaded here at a new size equals open_clip's at that size.
 
 Tokenizer: open_clip's models use the CLIP BPE (`SimpleTokenizer`). When open_clip is installed
 its packaged vocabulary builds an equal `tokenizers` pipeline (`clip_bpe`, serialisable with the
@@ -373,6 +373,7 @@ def read(path: str, activation: str | None = None) -> common.Checkpoint:
   grid = params["img/pos_embedding"].shape[1]
   return common.Checkpoint(FORMAT, path, params, model, tokenizer=tokenizer,
                            context_length=context_length,
+                           resample=common.antialiased_resample_grid,
                            **_preprocessing(config, grid * model["img"]["patch_size"]))
 
 
