@@ -1,6 +1,7 @@
 """Shared by the importer parity tests: random inputs and our embeddings of them."""
 
 import json
+import random
 
 import numpy as np
 
@@ -72,3 +73,30 @@ def hf_clip_with_tokenizer(path, width=32):
       p.add_(0.05 * torch.randn_like(p))
   model.save_pretrained(path)
   return model
+
+
+def varied_texts(n: int = 300) -> list[str]:
+  """Captions and noise: accents, scripts, emoji (ZWJ, flags, tags), curly quotes, HTML
+  entities, ligatures, full-width forms, control characters, Greek final sigma, long texts."""
+  fixed = [
+      "", " ", "a photo of a cow", "A Photo Of A COW!!!", "Holstein–Friesian cattle, grazing.",
+      "café crème brûlée", "cafe\u0301 naïve façade Ærøskøbing", "ΟΔΟΣ ΣΑΣ ελληνικά", "İstanbul",
+      "🐄🐑🌾 farm 🚜", "👩🏽‍🌾 farmer", "🏴󠁧󠁢󠁳󠁣󠁴󠁿 flag", "don't can't we're I've I'm you'll he'd",
+      "It’s the farmer’s “best” crop", "tom &amp; jerry &lt;3 &quot;q&quot; &#39;x&#39;",
+      "&amp;amp;lt;", "ﬁeld ﬂower ﬀ ﬃ ﬄ ﬅ ﬆ", "ＦＵＬＬＷＩＤＴＨ　ｔｅｘｔ，（ok）",
+      "tabs\tand\nnewlines\r\nand\xa0nbsp\u2003em", "\x1b[31mred\x1b[0m text", "zero\u200bwidth",
+      "ctrl\x07char", "数字 123 4567 ½ ² Ⅻ", "日本語のテキスト、です。", "한국어 텍스트",
+      "Привет, мир!", "مرحبا بالعالم", "हिन्दी पाठ", "<start_of_text> inside <end_of_text>",
+      "e-mail: a.b@c.com http://x.org/y?z=1", "$100.00 #tag @user 50% off", "...!!!???",
+      "Quercus robur L.", "x" * 300, "word " * 100, "ǅemal Ĳssel ŉ", "Straße", "ᾼ aͅb _ͅ!",
+  ]
+  pieces = ["cow", "Sheep", "WHEAT", "maïs", "épi", "leaf-rust", "Ω", "ß", "ﬁ", "’", "“", "&amp;",
+            "🙂", "🐝", "42", "3.14", ",", "!", "?", "...", "(", ")", "'s", "'LL", "\t", "  ", "\n",
+            "中文", "ñandú", "Ǆ", "ＡＢＣ", "ｶﾀｶﾅ", "\u0301", "ΣΑΣ", "x\xa0y", "<", ">", "_", "-",
+            "/", "don't", "#", "Ĳ", "\ufeff", "\u2028", "Ⅷ", "٣", "œuvre", "Æ", "D:Σ"]
+  rng = random.Random(0)
+  texts = list(fixed)
+  while len(texts) < n:
+    texts.append("".join(rng.choice(pieces) + rng.choice(["", " ", " "])
+                         for _ in range(rng.randint(1, 120 if len(texts) % 10 == 0 else 30))))
+  return texts

@@ -78,3 +78,42 @@ def test_wrong_model_fails_with_one_line_naming_parameter_and_shapes(tmp_path):
   message = str(error.value)
   assert "\n" not in message
   assert "img/encoder/block00/mlp/fc1/kernel is (48, 64) in the checkpoint vs (48, 99)" in message
+
+
+def _hf_clip_tokenizer_dir(path):
+  """A real CLIP BPE saved by transformers' CLIPTokenizer, its vocabulary and merges built from
+  the CLIP vocabulary file open_clip ships (the files openai/clip-* directories hold)."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  from agriclip_jax.models.importers import open_clip as open_clip_importer  # pylint: disable=g-import-not-at-top
+  bpe = open_clip_importer.clip_bpe_file()
+  if bpe is None:
+    pytest.skip("open_clip's packaged CLIP vocabulary is needed to build a real CLIP tokenizer")
+  with gzip.open(bpe, "rt", encoding="utf-8") as f:
+    merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]
+  byte_symbols = open_clip_importer.byte_alphabet()
+  vocab = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m.split()) for m in merges]
+  vocab += ["<|startoftext|>", "<|endoftext|>"]
+  (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+  (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+  tokenizer = transformers.CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
+  out = path / "saved"
+  tokenizer.save_pretrained(str(out))
+  return out, tokenizer
+
+
+def test_clip_tokenizer_ids_equal_transformers(tmp_path):
+  """Our tokenizer read from a Hugging Face CLIP directory gives transformers' ids on a few
+  hundred varied strings (sot ... eot; ours then pads with 0 where transformers repeats eot)."""
+  from agriclip_jax.input import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  directory, reference = _hf_clip_tokenizer_dir(tmp_path)
+  texts = utils.varied_texts()
+  for length in (77, 16):
+    ours = tokenizer_lib.from_pretrained(str(directory), length).encode(texts)
+    want = np.asarray(reference(texts, padding="max_length", max_length=length,
+                                truncation=True)["input_ids"])
+    eot = reference.eos_token_id
+    for text, got, row in zip(texts, ours, want):
+      end = int(np.argmax(row[1:] == eot)) + 1  # The first eot after sot.
+      expected = np.concatenate([row[:end + 1], np.zeros(length - end - 1, row.dtype)])
+      np.testing.assert_array_equal(got, expected, err_msg=repr(text))

@@ -415,7 +415,7 @@ def clip_bpe_file() -> str | None:
   return None
 
 
-def _byte_alphabet() -> list[str]:
+def byte_alphabet() -> list[str]:
   """CLIP's (and GPT-2's) byte -> printable character table, in its vocabulary order."""
   printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
   others = [b for b in range(256) if b not in printable]
@@ -452,7 +452,7 @@ def clip_bpe_tokenizer(bpe_path: str):
     lines = f.read().split("\n")
   num_merges = CLIP_VOCAB_SIZE - 2 * 256 - 2  # Bytes, bytes ending a word, two special tokens.
   merges = [tuple(line.split()) for line in lines[1:1 + num_merges]]
-  alphabet = _byte_alphabet()
+  alphabet = byte_alphabet()
   vocab = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges] + [SOT, EOT]
   tok = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, merges,
                                         end_of_word_suffix="</w>"))
