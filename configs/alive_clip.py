@@ -22,11 +22,12 @@ file; BioCLIP's open_clip directory with family=open_clip):
 Options (after the colon, comma-separated): demo, img=<ViT variant>, txt=<text size>,
 batch=<global batch>, steps=<total steps>, loss=softmax|sigmoid, inat=<weight of
 iNaturalist-2021 mixed into the training data, relative to ALive's 1; 0 = none>,
-pretrained=<CLIP checkpoint to fine-tune>, family=clip|open_clip (its activation).
+pretrained=<CLIP / SigLIP checkpoint to fine-tune>, family=clip|open_clip|siglip.
 """
 
 from agriclip_jax import config_lib
 from agriclip_jax.evaluators import base as evaluators
+from agriclip_jax.models import layers
 from agriclip_jax.models import presets
 from agriclip_jax.trainers import contrastive
 from configs import demo_common
@@ -60,8 +61,8 @@ def alive_recipe(config, img: str, txt: str) -> None:
   config.input.dataset = "alive"
   config.input.batch_size = 1024
   config.total_steps = 20_000
-  config.model.img = dict(variant=img, pool_type="tok", head=True)
-  config.model.txt = dict(variant=txt, head=True)
+  config.model.img = dict(preset="", variant=img, pool_type="tok", head=True)
+  config.model.txt = dict(preset="", variant=txt, head=True)
   config.model.out_dim = 512
   config.model.logit_scale_init = 1 / 0.07
   config.optim.update(lr=5e-4, warmup_steps=1000, weight_decay=0.2, b2=0.98, eps=1e-6)
@@ -73,20 +74,27 @@ CLIP_TEXT = {"B": ("M", 512), "L": ("B", 768)}
 
 
 def fine_tune(config, path: str, family: str, img: str) -> None:
-  """Fine-tunes a pretrained CLIP (AgriCLIP starts from OpenAI's ViT-B/16; BioCLIP is an
-  open_clip ViT-B/16): both towers, projections and scale from `path`, its tokenizer."""
-  if family not in ("clip", "open_clip"):
-    raise config_lib.ConfigError(f"family={family!r}; expected clip (OpenAI, QuickGELU) or "
-                                 "open_clip (GELU)")
+  """Fine-tunes a pretrained CLIP or SigLIP (AgriCLIP starts from OpenAI's ViT-B/16; BioCLIP
+  is an open_clip ViT-B/16): both towers, projections and scale from `path`, its tokenizer."""
   size = img.split("/")[0]
-  if size not in CLIP_TEXT:
-    raise config_lib.ConfigError(f"img={img!r}: released CLIPs are B/16, B/32, L/14")
-  text, width = CLIP_TEXT[size]
-  config.model.img = dict(preset=family, variant=img, head=True)
+  if family in ("clip", "open_clip"):
+    if size not in CLIP_TEXT:
+      raise config_lib.ConfigError(f"img={img!r}: released CLIPs are B/16, B/32, L/14")
+    text, width = CLIP_TEXT[size]
+    config.model.img = dict(preset=family, variant=img, head=True)
+    config.tokenizer.max_len = 77
+  elif family == "siglip":  # The image embedding is the MAP head's output: no projection.
+    text, width = size, layers.size(size)["width"]
+    config.model.img = dict(preset=family, variant=img, head=False)
+    config.tokenizer.max_len = 64
+    config.loss = "sigmoid"
+    config.model.logit_bias_init = -10.0  # Replaced by the checkpoint's.
+  else:
+    raise config_lib.ConfigError(f"family={family!r}; expected clip (OpenAI, QuickGELU), "
+                                 "open_clip (GELU) or siglip")
   config.model.txt = dict(preset=family, variant=text, head=True)
   config.model.out_dim = width
-  config.model.logit_scale_init = 100.0  # Replaced by the checkpoint's.
-  config.tokenizer.max_len = 77
+  config.model.logit_scale_init = 10.0  # Replaced by the checkpoint's.
   config.init.model.path = path
   config.input.mean, config.input.std = presets.normalization(family)
   config.optim.update(lr=1e-5, warmup_steps=500, weight_decay=0.1)

@@ -31,7 +31,7 @@ def get_config(arg=None):
   config.input.dataset = "alive"
   config.input.batch_size = options.batch
   config.input.image_size = 224  # Evaluation (k-NN) resolution = the global crops'.
-  config.model.img = dict(variant=options.img, pool_type="tok")
+  config.model.img = dict(preset="", variant=options.img, pool_type="tok")
   config.optim.update(lr=5e-4 * options.batch / 256, warmup_steps=10 * steps_per_epoch)
   config.dino.freeze_last_layer_steps = steps_per_epoch
   config.total_steps = options.epochs * steps_per_epoch

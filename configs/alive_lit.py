@@ -26,7 +26,8 @@ tells which): a timm / AugReg ViT, BioCLIP's image tower (its open_clip director
 Options: demo, img=<ViT variant>, txt=<text size>, batch=<global batch>, steps=<total steps>,
 head=<bool: trainable linear head on the locked tower>, inat=<weight of iNaturalist-2021 mixed
 into the training data, relative to ALive's 1; 0 = none>, tower=<family of an imported image
-tower: timm, clip, open_clip, siglip, dino, dinov2>, size=<image size>.
+tower: timm, clip, open_clip, siglip, dino, dinov2>, size=<image size>, registers=<register
+tokens of the imported tower (DINOv2 with registers: 4)>.
 """
 
 from agriclip_jax import config_lib
@@ -42,7 +43,7 @@ IMAGE_PRETRAIN_DEMO = "configs/image_pretrain.py:demo"
 def get_config(arg=None):
   options = config_lib.parse_arg(arg, demo=False, img="B/16", txt="B", batch=0, steps=0,
                                  inat=0.0,
-                                 head=True, tower="", size=0)
+                                 head=True, tower="", size=0, registers=0)
   config = contrastive.default_config()
   # Locked image: the trunk is frozen; only its optional linear head learns, with the text.
   config.optim.rules = [("img/head/.*", {}), ("img/.*", None), (".*", {})]
@@ -54,13 +55,14 @@ def get_config(arg=None):
     config.input.dataset = "alive"
     config.input.batch_size = 4096
     config.total_steps = 20_000
-    config.model.img = dict(variant=options.img, pool_type="gap", head=options.head)
-    config.model.txt = dict(variant=options.txt, head=True)
+    config.model.img = dict(preset="", variant=options.img, pool_type="gap", head=options.head)
+    config.model.txt = dict(preset="", variant=options.txt, head=True)
     config.model.out_dim = 512
     config.optim.update(lr=5e-4, warmup_steps=500, weight_decay=0.1, b2=0.98, eps=1e-6)
     config.evals.val = evaluators.make("zeroshot", split="validation")
     if options.tower:
       lock_imported_tower(config, options.tower, options.img, options.head)
+      config.model.img.num_registers = options.registers
   if options.size:
     config.input.image_size = options.size
   if options.inat:

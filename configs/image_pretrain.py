@@ -28,7 +28,7 @@ def get_config(arg=None):
     config.input.dataset = "alive"
     config.input.batch_size = 1024
     config.total_steps = 30_000
-    config.model.img = dict(variant=options.img, pool_type="gap")
+    config.model.img = dict(preset="", variant=options.img, pool_type="gap")
     config.optim.update(lr=1e-3, warmup_steps=2000, weight_decay=0.05)
     config.label_smoothing = 0.1
     config.evals.val = evaluators.make("classification", split="validation")
