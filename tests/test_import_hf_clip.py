@@ -85,13 +85,13 @@ def _hf_clip_tokenizer_dir(path):
   the CLIP vocabulary file open_clip ships (the files openai/clip-* directories hold)."""
   import gzip  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
-  from agriclip_jax.models.importers import open_clip as open_clip_importer  # pylint: disable=g-import-not-at-top
-  bpe = open_clip_importer.clip_bpe_file()
+  from agriclip_jax.input import clip_bpe  # pylint: disable=g-import-not-at-top
+  bpe = clip_bpe.vocabulary_file()
   if bpe is None:
     pytest.skip("open_clip's packaged CLIP vocabulary is needed to build a real CLIP tokenizer")
   with gzip.open(bpe, "rt", encoding="utf-8") as f:
     merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]
-  byte_symbols = open_clip_importer.byte_alphabet()
+  byte_symbols = clip_bpe.byte_alphabet()
   vocab = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m.split()) for m in merges]
   vocab += ["<|startoftext|>", "<|endoftext|>"]
   (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))

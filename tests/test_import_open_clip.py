@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from agriclip_jax.input import clip_bpe
 from agriclip_jax.input import tokenizer as tokenizer_lib
 from agriclip_jax.models import importers
 from agriclip_jax.models.importers import common
@@ -246,7 +247,7 @@ def test_clip_bpe_ids_equal_open_clip_tokenize(tmp_path):
   ... eot, 0-padded; truncated texts keep eot last), also after a save / load round trip."""
   texts = utils.varied_texts()
   for length in (77, 16):
-    ours = open_clip_importer.clip_bpe(length)
+    ours = clip_bpe.tokenizer(length)
     want = open_clip.tokenize(texts, context_length=length).numpy()
     got = ours.encode(texts)
     bad = [t for t, g, w in zip(texts, got, want) if not np.array_equal(g, w)]
