@@ -47,6 +47,12 @@ class Run:
   encode_texts: Callable[[Any, jax.Array], jax.Array] | None = None
   tokenizer: tokenizer_lib.Tokenizer | None = None
   scale: float | None = None  # The logit scale, when it is not in `params`.
+  revision: int = 0  # Imported checkpoints: the file's modification time.
+
+  @property
+  def key(self) -> tuple:
+    """What caches of this model's outputs are keyed by."""
+    return (os.path.abspath(self.workdir), self.step, self.revision)
 
   @property
   def has_text(self) -> bool:
@@ -126,6 +132,7 @@ def load_imported(path: str, mesh: jax.sharding.Mesh, format: str | None = None,
   """A pretrained checkpoint in another project's format (see `models.importers`)."""
   checkpoint = importers.read(path, format)
   model, params = importers.build(checkpoint)
+  revision = int(os.path.getmtime(path))  # Caches keyed by it see a replaced file.
   shapes = jax.eval_shape(lambda p: p, params)
   params_sharding = sharding.param_shardings(mesh, shapes, [(".*", "fsdp")])
   params = jax.device_put(params, params_sharding)
@@ -138,7 +145,8 @@ def load_imported(path: str, mesh: jax.sharding.Mesh, format: str | None = None,
   if "txt" not in checkpoint.model:  # An image tower: its pooled features.
     return Run(path, config, 0, params, params_sharding, image_size,
                lambda p, x: two_towers.l2_normalize(
-                   model.apply({"params": p}, normalize(x))[0].astype(jnp.float32)))
+                   model.apply({"params": p}, normalize(x))[0].astype(jnp.float32)),
+               revision=revision)
   length = checkpoint.context_length or 77
   if tokenizer:
     text_tokenizer = tokenizer_lib.from_pretrained(tokenizer, length)
@@ -150,7 +158,8 @@ def load_imported(path: str, mesh: jax.sharding.Mesh, format: str | None = None,
         "the matching Hugging Face model's) with --tokenizer")
   return Run(path, config, 0, params, params_sharding, image_size,
              lambda p, x: model.apply({"params": p}, normalize(x), None)[0],
-             lambda p, t: model.apply({"params": p}, None, t)[1], text_tokenizer)
+             lambda p, t: model.apply({"params": p}, None, t)[1], text_tokenizer,
+             revision=revision)
 
 
 def _load_agriclip(config, workdir: str, mesh) -> Run:

@@ -57,13 +57,13 @@ def get_config(arg=None):
   this += ",demo" if options.demo else ""
   if options.stage == "align":
     config.requires = [dict(workdir="{workdir}/../clip", config=this.format("clip"))]
-    if options.dino:  # A pretrained image tower: nothing to train.
-      config.align.dino_workdir = options.dino
-    else:
+    if not options.dino:
       config.requires.append(dict(workdir="{workdir}/../dino", config=this.format("dino")))
   else:  # eval: the align stage's aligner, on the evaluation datasets.
     config.requires = [dict(workdir="{workdir}/../align", config=this.format("align"))]
     config.align.aligner_workdir = "{workdir}/../align"
+  if options.dino:  # A pretrained image tower (align and eval read it): nothing to train.
+    config.align.dino_workdir = options.dino
   if options.demo:
     config.input.dataset = "agri_synthetic"
     config.input.batch_size = 64

@@ -89,6 +89,7 @@ def fine_tune(config, path: str, family: str, img: str) -> None:
     config.tokenizer.max_len = 64
     config.loss = "sigmoid"
     config.model.logit_bias_init = -10.0  # Replaced by the checkpoint's.
+    config.model.max_logit_scale = 1000.0  # Trained SigLIPs exceed CLIP's cap of 100.
   else:
     raise config_lib.ConfigError(f"family={family!r}; expected clip (OpenAI, QuickGELU), "
                                  "open_clip (GELU) or siglip")

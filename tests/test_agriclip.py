@@ -14,6 +14,7 @@ from agriclip_jax.losses import dino as dino_loss
 from agriclip_jax.models import aligner
 from agriclip_jax.models import dino as dino_model
 import fixtures
+import importer_utils
 
 
 def numpy_dino_loss(student, teacher, center, student_temp, teacher_temp):
@@ -243,10 +244,12 @@ def test_alignment_and_evaluation_stages_end_to_end(data_dir, tmp_path):
   for key in ("heldout/agriclip/top1", "heldout/mix/top1", "test/clip/top1"):
     assert evaluated[key] == summary[key], key
 
-  # An evaluation job loads an align run as the AgriCLIP model (DINO -> aligner, CLIP text).
+  # An evaluation job loads an align run as the AgriCLIP model (DINO -> aligner, CLIP text),
+  # and a downloaded checkpoint (here a random Hugging Face CLIP) beside the runs.
+  importer_utils.hf_clip_with_tokenizer(tmp_path / "hf")
   result = launch(str(tmp_path / "suite"), "tests/tiny_config.py:kind=eval_heldout",
-                  f"--config.checkpoints={tmp_path}/align,{tmp_path}/clip",
-                  "--config.names=agriclip,clip", data_dir=data_dir)
+                  f"--config.checkpoints={tmp_path}/align,{tmp_path}/clip,{tmp_path}/hf",
+                  "--config.names=agriclip,clip,hf", data_dir=data_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(tmp_path / "suite" / "results.json") as f:
     results = json.load(f)
@@ -255,6 +258,26 @@ def test_alignment_and_evaluation_stages_end_to_end(data_dir, tmp_path):
     assert heldout["zeroshot/num_examples"] == 48
     assert heldout["zeroshot/top1"] == pytest.approx(summary[f"heldout/{way}/top1"], abs=1e-6)
     assert "taxonomy/genus/top1" in heldout
+  assert results["hf"]["heldout"]["zeroshot/num_examples"] == 48
+
+  # AgriCLIP as published aligns a pretrained DINO ResNet-50: an imported torchvision-layout
+  # ResNet (18 here, for speed) stands in for the DINO run; its 512-d pooled features are fitted.
+  resnet = _torchvision_resnet(tmp_path / "resnet18.pth")
+  result = launch(str(tmp_path / "align_resnet"), "tests/tiny_config.py:kind=align",
+                  f"--config.align.dino_workdir={resnet}", data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  aligned = _summary(tmp_path / "align_resnet")
+  assert aligned["align/fit_rows"] == 720 and aligned["heldout/agriclip/num_examples"] == 48
+  with np.load(tmp_path / "align_resnet" / "aligner.npz") as aligner:
+    assert aligner["W"].shape == (512, 32)
+
+
+def _torchvision_resnet(path) -> str:
+  torch = pytest.importorskip("torch")
+  torchvision = pytest.importorskip("torchvision")
+  torch.manual_seed(0)
+  torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+  return str(path)
 
 
 def test_mixed_embeddings_score_the_weighted_sum_of_both_logits():

@@ -89,8 +89,8 @@ class Towers:
     self.params_sharding = {k: run.params_sharding for k, run in self.runs.items()}
     self.params_sharding["aligner"] = self.replicated
     self.image_size = max(run.image_size for run in self.runs.values())
-    self.key = config_lib.fingerprint({k: (os.path.abspath(run.workdir), run.step)
-                                       for k, run in self.runs.items()}, self.image_size)
+    self.key = config_lib.fingerprint({k: run.key for k, run in self.runs.items()},
+                                      self.image_size)
 
   def _encode(self, tower: str, params, images):
     size = self.runs[tower].image_size

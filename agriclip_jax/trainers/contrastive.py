@@ -5,15 +5,18 @@ pretrained run by `config.init`.
 """
 
 import functools
+import os
 
 import jax
 import ml_collections
 
 from agriclip_jax.input import pipeline
 from agriclip_jax.input import preprocess
+from agriclip_jax.input import tokenizer as tokenizer_lib
 from agriclip_jax.losses import contrastive as losses
 from agriclip_jax.models import two_towers
 from agriclip_jax.trainers import common
+from agriclip_jax.trainers import state as state_lib
 
 # Free-form fields checked elsewhere: evaluator configs and tower keyword arguments.
 OPEN_FIELDS = ("evals", "model.img", "model.txt")
@@ -65,7 +68,11 @@ def setup_with_text(config, workdir: str):
   """(Setup, tokenizer, two-tower model) of an image-text run; the tokenizer is saved in the
   workdir, where later stages (alignment, prediction) find it."""
   setup = common.Setup.create(config, workdir, feature_keys=("image_key", "text_key"))
-  tokenizer = common.make_tokenizer(config, setup.sources)
+  if (os.path.exists(os.path.join(workdir, "tokenizer_layout.json"))
+      and state_lib.latest_step(os.path.join(workdir, "checkpoints")) is not None):
+    tokenizer = tokenizer_lib.load(workdir)  # A resumed run keeps the ids it trained with.
+  else:
+    tokenizer = common.make_tokenizer(config, setup.sources)
   if jax.process_index() == 0:
     tokenizer.save(workdir)
   return setup, tokenizer, two_towers.make(config.model, vocab_size=tokenizer.vocab_size)

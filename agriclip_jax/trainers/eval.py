@@ -297,7 +297,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
         batch_size=config.eval_batch_size or config.input.batch_size,
         num_threads=config.input.num_threads)
     sharding.batch_size_per_shard(mesh, context.batch_size)
-    run_key = config_lib.fingerprint(os.path.abspath(checkpoint), run.step)
+    run_key = config_lib.fingerprint(*run.key)
     cache = os.path.join(workdir, "embeddings", f"{run_name}_{run_key}")
     for name, entry in entries.items():
       evaluation = DatasetEval(run, context, entry, cache, name)

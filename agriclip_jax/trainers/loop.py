@@ -108,7 +108,8 @@ class Loop:
     state, loaded = self.spec.init(), set()
     if self.config.init.get("workdir"):
       state, loaded = state_lib.load_params(self.config.init, state, self.spec, self.workdir)
-    state, imported = state_lib.load_pretrained(self.config.init, state, self.spec)
+    state, imported = state_lib.load_pretrained(self.config.init, state, self.spec,
+                                                self.config.get("model"))
     loaded |= imported
     if loaded and self.spec.refresh is not None:
       state = self.spec.refresh(state)

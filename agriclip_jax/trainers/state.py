@@ -118,10 +118,11 @@ def load_params(init_config, state, spec: StateSpec, workdir: str):
 PRETRAINED_SOURCES = (("model", ""), ("img", "img/"), ("txt", "txt/"))
 
 
-def load_pretrained(init_config, state, spec: StateSpec):
+def load_pretrained(init_config, state, spec: StateSpec, model_config=None):
   """(state with parameters from the checkpoints `config.init.{model,img,txt}` name, the paths
   loaded). Every checkpoint is converted (models/importers), checked against this model's
-  shapes (one line naming the first misfits) and placed with the parameters' shardings.
+  tower options (`model_config`) and shapes (one line naming the first misfit) and placed with
+  the parameters' shardings. `init.img.classifier` also loads a classifier (or DINO) head.
   Parameters of a filled tower that the checkpoint lacks stop the run unless
   `config.init.skip` or `config.init.allow_random` matches them."""
   target = flatten(spec.abstract["params"])
@@ -136,7 +137,10 @@ def load_pretrained(init_config, state, spec: StateSpec):
       continue
     where = f"config.init.{name}"
     checkpoint = importers.read(source["path"], source.get("format") or None)
-    keep = lambda k, p=prefix: k.startswith(p) and not (skip and skip.fullmatch(k))
+    importers.check_architecture(checkpoint, model_config,
+                                 ("img", "txt") if name == "model" else (name,), where)
+    prefixes = (prefix, "head/") if source.get("classifier") else (prefix,)
+    keep = lambda k, p=prefixes: k.startswith(p) and not (skip and skip.fullmatch(k))
     arrays = importers.common.fit(checkpoint, target, keep, where,
                                   optional=bool(source.get("classifier")))
     missing = [k for k in target if keep(k) and k not in arrays

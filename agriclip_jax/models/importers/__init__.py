@@ -26,6 +26,9 @@ FORMATS = {
 }
 
 
+TORCH_PICKLES = (".bin", ".pt", ".pth", ".tar")
+
+
 def module(name: str):
   if name not in available():
     raise common.CheckpointImportError(
@@ -49,6 +52,8 @@ def detect(path: str) -> str:
   for name in available():
     if module(name).detect(path):
       return name
+  if path.endswith(TORCH_PICKLES) and importlib.util.find_spec("torch") is None:
+    common.read_torch(path)  # Raises its one line: reading it needs torch.
   raise common.CheckpointImportError(
       f"{path}: not a checkpoint format this project reads ({', '.join(available())}); "
       "name one with format=...")
@@ -86,3 +91,39 @@ def build(checkpoint: common.Checkpoint, dtype: str = "float32",
     shapes = {"img": jax.eval_shape(model.init, jax.random.key(0), images)["params"]}
   params = unflatten(common.fit(checkpoint, flatten(shapes), lambda k: True, checkpoint.path))
   return model, params if "txt" in checkpoint.model else params["img"]
+
+
+# Tower options that change what the same weights compute (shapes cannot tell them apart).
+_BEHAVIOUR = ("activation", "num_heads", "pool_type", "causal", "mask_padding", "pre_norm",
+              "class_token", "layer_norm_eps")
+
+
+def _resolved(tower: dict, kind: str) -> dict:
+  from agriclip_jax.models import text  # pylint: disable=g-import-not-at-top
+  from agriclip_jax.models import two_towers  # pylint: disable=g-import-not-at-top
+  module = (vit.Model if kind == "img" else text.Model)(
+      **two_towers.tower_kwargs(tower, kind, None, "float32"))
+  out = {f: getattr(module, f, None) for f in _BEHAVIOUR}
+  if kind == "img" and out["class_token"] is None:
+    out["class_token"] = out["pool_type"] == "tok"
+  return out
+
+
+def check_architecture(checkpoint: common.Checkpoint, model_config, kinds, where: str) -> None:
+  """One line naming the first tower option in which the configured model differs from the
+  checkpoint's (e.g. QuickGELU vs GELU): same shapes, different function."""
+  for kind in kinds:
+    if kind not in checkpoint.model or not model_config or kind not in model_config:
+      continue
+    theirs, ours = dict(checkpoint.model[kind]), dict(model_config[kind])
+    if "arch" in theirs or "arch" in ours:  # ResNets: their shapes say it all.
+      continue
+    theirs, ours = _resolved(theirs, kind), _resolved(ours, kind)
+    for field in _BEHAVIOUR:
+      a, b = theirs[field], ours[field]
+      same = (abs(a - b) <= 1e-3 * max(abs(a), abs(b)) if field == "layer_norm_eps" else a == b)
+      if not same:
+        raise common.CheckpointImportError(
+            f"{where}: {checkpoint.path} ({checkpoint.format}) has {kind} {field}={a!r}, the "
+            f"configured model {field}={b!r}: set config.model.{kind}.{field} (or the "
+            f"family's preset; `python -m agriclip_jax.models.inspect` shows them all)")

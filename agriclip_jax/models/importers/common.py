@@ -241,6 +241,8 @@ def convert(state: Mapping[str, np.ndarray], rules: Iterable[Rule],
     if rule.target is None:
       continue
     value = np.asarray(value)
+    if value.dtype in (np.float16, np.float64, ml_dtypes.bfloat16):
+      value = value.astype(np.float32)  # bf16 / fp16 files: fold and transform in float32.
     value = rule.transform(value) if rule.transform else value
     targets = (rule.target,) if isinstance(rule.target, str) else rule.target
     values = (value,) if isinstance(rule.target, str) else value

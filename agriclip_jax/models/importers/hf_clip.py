@@ -91,11 +91,18 @@ def tower(config: dict, kind: str) -> dict:
 
 
 def preprocessing(path: str, default_size: int) -> dict:
-  """image_size / mean / std from preprocessor_config.json, where the directory has one."""
+  """image_size / mean / std from preprocessor_config.json, where the directory has one (the
+  size is the centre crop's, else the resize's: what the model sees)."""
   config_path = os.path.join(path, "preprocessor_config.json")
   out = {"image_size": default_size}
   if os.path.isfile(config_path):
     config = common.read_json(config_path)
+    size = config.get("crop_size") if config.get("do_center_crop", True) else None
+    size = size or config.get("size")
+    if isinstance(size, dict):
+      size = size.get("height") or size.get("shortest_edge")
+    if isinstance(size, int) and size > 0:
+      out["image_size"] = size
     if config.get("image_mean"):
       out["mean"] = tuple(config["image_mean"])
       out["std"] = tuple(config["image_std"])

@@ -1,0 +1,1 @@
+"""Benchmarks that compare this project with reference implementations (commands, not tests)."""
