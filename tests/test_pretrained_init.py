@@ -76,3 +76,52 @@ def test_parameters_the_checkpoint_lacks_must_be_allowed_to_stay_random(data_dir
                   "--config.model.logit_bias_init=-10.0", "--config.init.allow_random=logit_bias",
                   data_dir=data_dir)
   assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _spec_of(model_config, image_size=32, text_len=16):
+  """A stand-in StateSpec (abstract params + shardings on one device) for `model_config`."""
+  import types  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from agriclip_jax.models import two_towers  # pylint: disable=g-import-not-at-top
+  model = two_towers.make(ml_collections.ConfigDict(model_config))
+  abstract = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, image_size,
+                                                                     image_size, 3)),
+                            np.zeros((1, text_len), np.int32))["params"]
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return types.SimpleNamespace(abstract={"params": abstract},
+                               shardings={"params": jax.tree.map(lambda _: device, abstract)})
+
+
+def _init(**sources):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  base = dict(skip="", allow_random="", model=dict(path="", format=""),
+              img=dict(path="", format="", classifier=False), txt=dict(path="", format=""))
+  return ml_collections.ConfigDict({**base, **sources})
+
+
+def test_deeper_model_and_foreign_tower_are_refused_in_one_line(tmp_path):
+  """Other depth: the blocks the checkpoint lacks are named; a ResNet file for a ViT tower:
+  its first parameter is named as not in this model."""
+  from agriclip_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from agriclip_jax.trainers import state as state_lib  # pylint: disable=g-import-not-at-top
+  reference = utils.hf_clip_with_tokenizer(tmp_path / "hf")
+  vocab = reference.config.text_config.vocab_size
+  tower = dict(preset="clip", width=32, mlp_dim=64, num_heads=2, head=True)
+  config = dict(img=dict(tower, depth=2, patch_size=8), txt=dict(tower, depth=1, vocab_size=vocab),
+                out_dim=32, logit_scale_init=10.0)
+  spec = _spec_of(config)
+  with pytest.raises(config_lib.ConfigError) as error:
+    state_lib.load_pretrained(_init(model=dict(path=str(tmp_path / "hf"), format="")), {},
+                              spec, config)
+  message = str(error.value)
+  assert "\n" not in message and "would stay random: img/encoder/block01/" in message
+
+  torchvision = pytest.importorskip("torchvision")
+  torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+  config["img"]["depth"] = 1
+  with pytest.raises(config_lib.ConfigError) as error:
+    state_lib.load_pretrained(_init(img=dict(path=str(tmp_path / "r18.pth"), format="",
+                                             classifier=False)), {}, _spec_of(config), config)
+  message = str(error.value)
+  assert "\n" not in message and "(dino_resnet) does not fit the configured model: img/" in message
+  assert "is not in this model" in message
