@@ -51,6 +51,9 @@ class Checkpoint:
   context_length: int | None = None
   # Parameters of the file that are not wanted by default (a classifier head): path -> array.
   optional: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  # Tower options the file does not state and `model` assumes (e.g. a bare file's activation
+  # or head count): the configured model's values are taken for them, not checked.
+  assumed: tuple[str, ...] = ()
   # How `fit` resizes a position grid (grid, height, width) -> grid, where the source resizes
   # differently from PyTorch's plain bicubic (`resample_grid`, used when None).
   resample: Callable[[np.ndarray, int, int], np.ndarray] | None = None

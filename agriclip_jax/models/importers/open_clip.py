@@ -367,8 +367,10 @@ def read(path: str, activation: str | None = None) -> common.Checkpoint:
   if "logit_bias" in params:
     model["logit_bias_init"] = float(params["logit_bias"])
   grid = params["img/pos_embedding"].shape[1]
+  # A bare file states no activation (QuickGELU assumed) and only implies 64-wide heads.
+  assumed = ("activation", "num_heads") if model_cfg is None and not activation else ()
   return common.Checkpoint(FORMAT, path, params, model, tokenizer=tokenizer,
-                           context_length=context_length,
+                           context_length=context_length, assumed=assumed,
                            resample=common.antialiased_resample_grid,
                            **_preprocessing(config, grid * model["img"]["patch_size"]))
 

@@ -167,6 +167,13 @@ def detect(path: str) -> bool:
 
 # ---------------------------------------------------------------------------- architecture
 
+def _heads_known(width: int, config: dict) -> bool:
+  """Whether config.json states the head count (model_args, or a named architecture)."""
+  match = re.match(r"vit_([a-z0-9]+)_patch", config.get("architecture", ""))
+  return bool(config.get("model_args", {}).get("num_heads")
+              or (match and HEADS.get(match.group(1), (None,))[0] == width))
+
+
 def _num_heads(width: int, config: dict, source: str) -> int:
   if config.get("model_args", {}).get("num_heads"):
     return int(config["model_args"]["num_heads"])
@@ -289,8 +296,12 @@ def from_state(state: Mapping[str, np.ndarray], config: dict, path: str, format_
       params["img/pos_embedding"].shape[-2], img, image_size))
   image_size = image_size or params["img/pos_embedding"].shape[1] * img["patch_size"]
   optional = {k: params.pop(k) for k in list(params) if k.startswith("img/head/")}
+  assumed = tuple(name for name, known in (
+      ("num_heads", _heads_known(img["width"], config)),
+      ("activation", bool(config.get("model_args", {}).get("act_layer")
+                          or config.get("architecture")))) if not known)
   return common.Checkpoint(
-      format_name, path, params, dict(img=img), image_size=int(image_size),
+      format_name, path, params, dict(img=img), image_size=int(image_size), assumed=assumed,
       mean=tuple(cfg.get("mean") or mean), std=tuple(cfg.get("std") or std),
       optional=optional, resample=common.antialiased_resample_grid)
 
