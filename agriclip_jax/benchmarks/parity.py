@@ -37,6 +37,7 @@ import time
 from typing import Any, Iterable
 
 from absl import app
+from absl import logging
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -59,6 +60,9 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (config.seed, torch 
 _OUT = flags.DEFINE_string("out", "/tmp/agriclip_parity",
                            "Workdirs, dumped batches and per-seed results.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir ('': the config's / default).")
+_TORCH_THREADS = flags.DEFINE_integer(
+    "torch_threads", 0, "open_clip's CPU threads (0: torch's default). 1 on a busy machine: "
+    "torch's thread pool slows down several times when its cores are shared.")
 
 MODELS = ("ours", "open_clip")
 
@@ -96,8 +100,11 @@ def recorded_batches():
 
 
 def train_ours(config, workdir: str, batch_dir: str) -> dict[str, Any]:
-  """Our trainer's summary; the batches it trained on go to `batch_dir`."""
+  """Our trainer's summary; the batches it trained on go to `batch_dir` (a run that finished
+  with its batches dumped is reused)."""
   from agriclip_jax import trainers  # pylint: disable=g-import-not-at-top  (heavy)
+  if all(os.path.exists(os.path.join(batch_dir, f"{k}.npy")) for k in ("image", "text")):
+    return trainers.run(config, workdir)  # Finished: the trainer returns its summary at once.
   if os.path.exists(workdir):
     raise FileExistsError(f"{workdir} exists: its batches would not be recorded; remove it")
   with recorded_batches() as batches:
@@ -167,7 +174,7 @@ def decays(name: str, param) -> bool:
 def image_tensor(images: np.ndarray, config):
   """uint8 NHWC -> normalised float NCHW, with our normalisation."""
   import torch  # pylint: disable=g-import-not-at-top
-  x = np.asarray(preprocess.normalize(images, config.input.mean, config.input.std))
+  x = np.array(preprocess.normalize(images, config.input.mean, config.input.std))
   return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
 
 
@@ -189,12 +196,15 @@ def train_open_clip(model, batch_dir: str, config) -> None:
   for step in range(config.total_steps):
     for group in optimizer.param_groups:
       group["lr"] = float(lr_schedule(step))
-    zimg = model.encode_image(image_tensor(images[step], config), normalize=True)
+    zimg = model.encode_image(image_tensor(np.array(images[step]), config), normalize=True)
     ztxt = model.encode_text(torch.from_numpy(np.array(tokens[step], np.int64)),
                              normalize=True)
     loss = loss_fn(zimg, ztxt, model.logit_scale.exp())
     if not torch.isfinite(loss):
       raise FloatingPointError(f"open_clip loss is {loss.item()} at step {step}")
+    if config_lib.every(step + 1, config.log_every, config.total_steps):
+      logging.info("open_clip step %d: loss %.4f, logit scale %.2f", step + 1, loss.item(),
+                   model.logit_scale.exp().item())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), opt.clip_norm)
@@ -217,7 +227,7 @@ def open_clip_context(model, config, tokenizer) -> evaluators.Context:
     return call
 
   embed_images = host(lambda x: model.encode_image(
-      torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous(), normalize=True))
+      torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous(), normalize=True))
   embed_texts = host(lambda t: model.encode_text(
       torch.from_numpy(np.asarray(t, np.int64)), normalize=True))
 
@@ -291,6 +301,9 @@ def main(argv) -> None:
   # Before TensorFlow (which the trainers' TFDS imports): loaded after it, the native library
   # of triton (torch imports it) crashes the process.
   import open_clip  # pylint: disable=g-import-not-at-top,unused-import
+  import torch  # pylint: disable=g-import-not-at-top
+  if _TORCH_THREADS.value:
+    torch.set_num_threads(_TORCH_THREADS.value)
   from agriclip_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.quiet_library_logs()
   distributed.hide_accelerators_from_tensorflow()
