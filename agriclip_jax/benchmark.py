@@ -28,11 +28,7 @@ from agriclip_jax.trainers import common
 from agriclip_jax.trainers import contrastive
 from agriclip_jax.trainers import state as state_lib
 
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per mode.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
-_BATCH = flags.DEFINE_integer("batch_size", 32, "Global batch size.")
-_IMAGE = flags.DEFINE_integer("image_size", 224, "Image size.")
-_MODES = flags.DEFINE_list("modes", ["clip", "lit"], "Which trainings to time.")
+FLAGS = flags.FLAGS
 
 SPEC = dict(
     img=dict(variant="Ti/16", pool_type="tok", head=True),
@@ -107,14 +103,25 @@ def main(argv):
   del argv
   peak = matmul_peak()
   result = {"backend": jax.default_backend(), "devices": jax.device_count(),
-            "device_kind": jax.devices()[0].device_kind, "batch_size": _BATCH.value,
-            "image_size": _IMAGE.value, "matmul_peak_flops_per_sec": peak}
-  for mode in _MODES.value:
-    numbers = time_mode(mode, _BATCH.value, _IMAGE.value, _STEPS.value, _WARMUP.value)
+            "device_kind": jax.devices()[0].device_kind, "batch_size": FLAGS.batch_size,
+            "image_size": FLAGS.image_size, "matmul_peak_flops_per_sec": peak}
+  for mode in FLAGS.modes:
+    numbers = time_mode(mode, FLAGS.batch_size, FLAGS.image_size, FLAGS.steps, FLAGS.warmup)
     numbers["mfu"] = numbers["achieved_flops_per_sec"] / peak
     result[mode] = numbers
   print(json.dumps(result, indent=1))
 
 
+def define_flags() -> None:
+  """The command's flags, defined when it runs (not on import: commands' flags would
+  collide in one process)."""
+  flags.DEFINE_integer("steps", 10, "Timed steps per mode.")
+  flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
+  flags.DEFINE_integer("batch_size", 32, "Global batch size.")
+  flags.DEFINE_integer("image_size", 224, "Image size.")
+  flags.DEFINE_list("modes", ["clip", "lit"], "Which trainings to time.")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -54,16 +54,7 @@ from agriclip_jax.models import text
 from agriclip_jax.models import two_towers
 from agriclip_jax.models import vit
 
-_CONFIG = flags.DEFINE_string("config", "configs/alive_clip.py:demo", "A CLIP config.")
-_STEPS = flags.DEFINE_integer("steps", 0, "Training steps (0: the config's total_steps).")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (config.seed, torch seed).")
-_OUT = flags.DEFINE_string("out", "/tmp/agriclip_parity",
-                           "Workdirs, dumped batches and per-seed results.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir ('': the config's / default).")
-_TORCH_THREADS = flags.DEFINE_integer(
-    "torch_threads", 0, "open_clip's CPU threads (0: torch's default). 1 on a busy machine: "
-    "torch's thread pool slows down several times when its cores are shared.")
-
+FLAGS = flags.FLAGS
 MODELS = ("ours", "open_clip")
 
 
@@ -302,29 +293,44 @@ def main(argv) -> None:
   # of triton (torch imports it) crashes the process.
   import open_clip  # pylint: disable=g-import-not-at-top,unused-import
   import torch  # pylint: disable=g-import-not-at-top
-  if _TORCH_THREADS.value:
-    torch.set_num_threads(_TORCH_THREADS.value)
+  if FLAGS.torch_threads:
+    torch.set_num_threads(FLAGS.torch_threads)
   from agriclip_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.quiet_library_logs()
   distributed.hide_accelerators_from_tensorflow()
   if jax.process_count() != 1:
     raise SystemExit("the parity benchmark runs in one process")
-  os.makedirs(_OUT.value, exist_ok=True)
+  os.makedirs(FLAGS.out, exist_ok=True)
   runs = []
-  for seed in map(int, _SEEDS.value):
-    cached = os.path.join(_OUT.value, f"result_s{seed}.json")
+  for seed in map(int, FLAGS.seeds):
+    cached = os.path.join(FLAGS.out, f"result_s{seed}.json")
     if not os.path.exists(cached):
-      result = run_seed(_CONFIG.value, seed, _STEPS.value, _OUT.value, _DATA_DIR.value)
+      result = run_seed(FLAGS.config, seed, FLAGS.steps, FLAGS.out, FLAGS.data_dir)
       with open(cached, "w") as f:
         json.dump(result, f)
     with open(cached) as f:
       runs.append(json.load(f))
-  report = {"config": _CONFIG.value, "steps": runs[0].get("steps"), "runs": runs,
+  report = {"config": FLAGS.config, "steps": runs[0].get("steps"), "runs": runs,
             **summarize(runs)}
-  with open(os.path.join(_OUT.value, "parity.json"), "w") as f:
+  with open(os.path.join(FLAGS.out, "parity.json"), "w") as f:
     json.dump(report, f, indent=1)
   print(json.dumps(report, indent=1))
 
 
+def define_flags() -> None:
+  """The command's flags, defined when it runs (not on import: commands' flags would
+  collide in one process)."""
+  flags.DEFINE_string("config", "configs/alive_clip.py:demo", "A CLIP config.")
+  flags.DEFINE_integer("steps", 0, "Training steps (0: the config's total_steps).")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (config.seed, torch seed).")
+  flags.DEFINE_string("out", "/tmp/agriclip_parity",
+                      "Workdirs, dumped batches and per-seed results.")
+  flags.DEFINE_string("data_dir", "", "TFDS data dir ('': the config's / default).")
+  flags.DEFINE_integer(
+      "torch_threads", 0, "open_clip's CPU threads (0: torch's default). 1 on a busy machine: "
+      "torch's thread pool slows down several times when its cores are shared.")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

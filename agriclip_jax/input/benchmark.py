@@ -24,10 +24,7 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
-_IMAGES = flags.DEFINE_list("images", None, "Tree sizes (build) or the tree size (pipeline).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Training crop size (pipeline).")
-_SECONDS = flags.DEFINE_float("seconds", 10.0, "Time each pipeline setting for this long.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where trees and datasets go (default: tmp).")
+FLAGS = flags.FLAGS
 
 
 def write_tree(root: str, count: int, size=(500, 375), sources: int = 8,
@@ -123,16 +120,26 @@ def pipeline(workdir: str, count: int, image_size: int, seconds: float) -> dict:
 def main(argv):
   if len(argv) != 2 or argv[1] not in ("build", "pipeline"):
     raise app.UsageError("usage: python -m agriclip_jax.input.benchmark build|pipeline")
-  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="agriclip_bench_")
+  workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="agriclip_bench_")
   if argv[1] == "build":
-    sizes = [int(n) for n in (_IMAGES.value or ["2000", "20000"])]
+    sizes = [int(n) for n in (FLAGS.images or ["2000", "20000"])]
     result = {"benchmark": "alive build", "workdir": workdir, **build(workdir, sizes)}
   else:
-    count = int((_IMAGES.value or ["1000"])[0])
+    count = int((FLAGS.images or ["1000"])[0])
     result = {"benchmark": "training pipeline",
-              **pipeline(workdir, count, _IMAGE_SIZE.value, _SECONDS.value)}
+              **pipeline(workdir, count, FLAGS.image_size, FLAGS.seconds)}
   print(json.dumps(result, indent=1))
 
 
+def define_flags() -> None:
+  """The command's flags, defined when it runs (not on import: commands' flags would
+  collide in one process)."""
+  flags.DEFINE_list("images", None, "Tree sizes (build) or the tree size (pipeline).")
+  flags.DEFINE_integer("image_size", 224, "Training crop size (pipeline).")
+  flags.DEFINE_float("seconds", 10.0, "Time each pipeline setting for this long.")
+  flags.DEFINE_string("workdir", None, "Where trees and datasets go (default: tmp).")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -26,14 +26,7 @@ from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-positio
 from absl import flags
 from absl import logging
 
-_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "The raw files.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None,
-                                "TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets).")
-_OPTIONS = flags.DEFINE_multi_string("option", [], "key=value builder config field.")
-_CONFIG_NAME = flags.DEFINE_string("config_name", "",
-                                   "Name of the builder config --option values make (default: "
-                                   "the base config's name and a hash of the options).")
-_FORCE = flags.DEFINE_bool("force", False, "Rebuild even if already prepared.")
+FLAGS = flags.FLAGS
 
 
 def typed_options(config, options: list[str]) -> dict:
@@ -93,13 +86,13 @@ def prepare(name: str, manual_dir: str, data_dir: str | None = None,
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError("usage: python -m agriclip_jax.input.prepare DATASET --manual_dir=DIR")
-  if not _MANUAL_DIR.value:
+  if not FLAGS.manual_dir:
     raise app.UsageError("--manual_dir is required")
   from agriclip_jax import errors  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
   try:
-    builder, report = prepare(argv[1], os.path.expanduser(_MANUAL_DIR.value), _DATA_DIR.value,
-                              _OPTIONS.value, _FORCE.value, _CONFIG_NAME.value)
+    builder, report = prepare(argv[1], os.path.expanduser(FLAGS.manual_dir), FLAGS.data_dir,
+                              FLAGS.option, FLAGS.force, FLAGS.config_name)
   except (ValueError, *errors.USER_ERRORS) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -111,5 +104,19 @@ def main(argv):
   return 0
 
 
+def define_flags() -> None:
+  """The command's flags, defined when it runs (not on import: commands' flags would
+  collide in one process)."""
+  flags.DEFINE_string("manual_dir", None, "The raw files.")
+  flags.DEFINE_string("data_dir", None,
+                      "TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets).")
+  flags.DEFINE_multi_string("option", [], "key=value builder config field.")
+  flags.DEFINE_string("config_name", "",
+                      "Name of the builder config --option values make (default: "
+                      "the base config's name and a hash of the options).")
+  flags.DEFINE_bool("force", False, "Rebuild even if already prepared.")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(lambda argv: sys.exit(main(argv)))

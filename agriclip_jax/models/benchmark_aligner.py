@@ -19,14 +19,7 @@ import numpy as np
 
 from agriclip_jax.models import aligner
 
-_ROWS = flags.DEFINE_integer("rows", 600_000, "Feature rows.")
-_D_IN = flags.DEFINE_integer("d_in", 2048, "DINO feature width.")
-_D_OUT = flags.DEFINE_integer("d_out", 512, "CLIP embedding width.")
-_NOISE = flags.DEFINE_float("noise", 0.5, "Target noise, relative to the signal's scale (R^2 <= 1 / (1 + noise^2)).")
-_SGD_EPOCHS = flags.DEFINE_integer("sgd_epochs", 70, "SGD epochs (0 skips it).")
-_SGD_BATCH = flags.DEFINE_integer("sgd_batch_size", 100, "SGD batch size.")
-_SGD_LR = flags.DEFINE_float("sgd_lr", 1e-3, "Adam learning rate for the SGD recipe.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the feature files go (default: tmp).")
+FLAGS = flags.FLAGS
 
 
 def make_features(directory: str, rows: int, d_in: int, d_out: int, noise: float,
@@ -53,30 +46,45 @@ def make_features(directory: str, rows: int, d_in: int, d_out: int, noise: float
 
 def main(argv):
   del argv
-  directory = _WORKDIR.value or tempfile.mkdtemp(prefix="agriclip_align_bench_")
+  directory = FLAGS.workdir or tempfile.mkdtemp(prefix="agriclip_align_bench_")
   start = time.time()
-  x, y = make_features(directory, _ROWS.value, _D_IN.value, _D_OUT.value, _NOISE.value)
+  x, y = make_features(directory, FLAGS.rows, FLAGS.d_in, FLAGS.d_out, FLAGS.noise)
   fit_rows = int(0.9 * len(x))
   train = aligner.in_batches(x[:fit_rows], y[:fit_rows], 20_000)
   test = aligner.in_batches(x[fit_rows:], y[fit_rows:], 20_000)
-  result = {"rows": _ROWS.value, "fit_rows": fit_rows, "d_in": _D_IN.value,
-            "d_out": _D_OUT.value, "data_seconds": time.time() - start}
+  result = {"rows": FLAGS.rows, "fit_rows": fit_rows, "d_in": FLAGS.d_in,
+            "d_out": FLAGS.d_out, "data_seconds": time.time() - start}
   start = time.time()
   weights, bias = aligner.fit_closed_form(train, ridge=1e-6)
   result["closed_form"] = {"seconds": time.time() - start,
                            **{f"heldout_{k}": v for k, v in
                               aligner.evaluate(test, weights, bias).items()}}
   print(json.dumps(result), flush=True)
-  if _SGD_EPOCHS.value:
+  if FLAGS.sgd_epochs:
     start = time.time()
     weights, bias = aligner.fit_sgd(np.asarray(x[:fit_rows]), np.asarray(y[:fit_rows]),
-                                    _SGD_EPOCHS.value, _SGD_BATCH.value, _SGD_LR.value)
-    result["sgd"] = {"seconds": time.time() - start, "epochs": _SGD_EPOCHS.value,
-                     "batch_size": _SGD_BATCH.value,
+                                    FLAGS.sgd_epochs, FLAGS.sgd_batch_size, FLAGS.sgd_lr)
+    result["sgd"] = {"seconds": time.time() - start, "epochs": FLAGS.sgd_epochs,
+                     "batch_size": FLAGS.sgd_batch_size,
                      **{f"heldout_{k}": v for k, v in
                         aligner.evaluate(test, weights, bias).items()}}
   print(json.dumps(result, indent=1))
 
 
+def define_flags() -> None:
+  """The command's flags, defined when it runs (not on import: commands' flags would
+  collide in one process)."""
+  flags.DEFINE_integer("rows", 600_000, "Feature rows.")
+  flags.DEFINE_integer("d_in", 2048, "DINO feature width.")
+  flags.DEFINE_integer("d_out", 512, "CLIP embedding width.")
+  flags.DEFINE_float("noise", 0.5, "Target noise, relative to the signal's scale "
+                     "(R^2 <= 1 / (1 + noise^2)).")
+  flags.DEFINE_integer("sgd_epochs", 70, "SGD epochs (0 skips it).")
+  flags.DEFINE_integer("sgd_batch_size", 100, "SGD batch size.")
+  flags.DEFINE_float("sgd_lr", 1e-3, "Adam learning rate for the SGD recipe.")
+  flags.DEFINE_string("workdir", None, "Where the feature files go (default: tmp).")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
