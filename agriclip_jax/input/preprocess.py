@@ -39,9 +39,15 @@ def _finish(image: Image.Image, box, size: int) -> np.ndarray:
   width, height = image.size
   if image.format == "JPEG":
     crop_w, crop_h = box[2] - box[0], box[3] - box[1]
-    image.draft("RGB", (math.ceil(width * size / crop_w), math.ceil(height * size / crop_h)))
-    factor = width / image.size[0]  # draft may have decoded at 1/2, 1/4 or 1/8 scale.
-    box = tuple(c / factor for c in box)
+    drafted = image.draft("RGB", (math.ceil(width * size / crop_w),
+                                  math.ceil(height * size / crop_h)))
+    if drafted:
+      # draft decodes at 1/scale (2, 4 or 8) and rounds each side up, so width and height
+      # round differently: map the box with the exact scale (the original spans
+      # [0, width / scale]), not with width / new width, and keep it inside the decoded image.
+      scale = width / drafted[1][2]
+      box = (box[0] / scale, box[1] / scale, min(box[2] / scale, image.size[0]),
+             min(box[3] / scale, image.size[1]))
   try:
     image = image.convert("RGB")
     out = image.resize((size, size), Image.BILINEAR, box=box, reducing_gap=None)
