@@ -18,10 +18,12 @@ from typing import Any, Iterator
 
 from absl import logging
 from PIL import Image
+from PIL import ImageOps
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 REPORT_NAME = "build_report.json"
+EXIF_ORIENTATION = 0x0112
 
 
 class InputError(ValueError):
@@ -68,24 +70,41 @@ class ReportedBuild:
 
 
 def checked_image(data: bytes) -> bytes:
-  """`data` if it is a decodable JPEG or PNG; other formats re-encoded as PNG.
+  """`data` if it is a decodable, upright RGB (or greyscale) JPEG or PNG, else re-encoded so.
 
-  Decodes the whole image (JPEGs at 1/8 scale, which still reads every byte), so truncated
-  and corrupt files are caught at build time rather than during training.
+  The image features are declared 3-channel RGB and the pipeline reads pixels as stored, so
+  the build stores what is declared, once: turned as the EXIF orientation says (phone photos),
+  CMYK, palette and other modes converted to RGB, transparency composited on white (what a
+  viewer shows), re-encoded as JPEG (quality 95) if it was one, else as lossless PNG.
+  Decodes the whole image (kept JPEGs at 1/8 scale, which still reads every byte), so
+  truncated and corrupt files are caught at build time rather than during training.
   """
   try:
     with Image.open(io.BytesIO(data)) as image:
       kind = image.format
-      if kind == "JPEG":
-        image.draft("RGB", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
-      image.load()
-      if kind in ("JPEG", "PNG"):
+      turned = image.getexif().get(EXIF_ORIENTATION, 1) in range(2, 9)
+      if kind in ("JPEG", "PNG") and image.mode in ("RGB", "L") and not turned:
+        if kind == "JPEG":
+          image.draft("RGB", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
+        image.load()
         return data
+      image = _upright_rgb(image)
       out = io.BytesIO()
-      image.convert("RGB").save(out, format="PNG")
+      if kind == "JPEG":
+        image.save(out, format="JPEG", quality=95)
+      else:
+        image.save(out, format="PNG")
       return out.getvalue()
   except Exception as e:  # PIL raises many types on bad data.
     raise BadImage(f"{type(e).__name__}: {e}") from None
+
+
+def _upright_rgb(image: Image.Image) -> Image.Image:
+  image = ImageOps.exif_transpose(image)
+  if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+    image = image.convert("RGBA")
+    image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+  return image.convert("RGB")
 
 
 def read_image(path: str) -> bytes:

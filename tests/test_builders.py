@@ -326,6 +326,60 @@ def test_checked_image_rejects_truncated_and_converts_other_formats(tmp_path):
   np.testing.assert_array_equal(np.asarray(_open(png)), np.asarray(_open(bmp)))
 
 
+def _write_unusual_images(root) -> dict:
+  """Valid images a plain RGB decode gets wrong; returns path -> the RGB pixels to expect.
+
+  Red left and blue right (an edge on the 16-pixel blocks JPEG encodes colour in), so turning
+  and conversion can be checked pixel by pixel.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  pixels = np.zeros((32, 48, 3), np.uint8)
+  pixels[:, :16] = (220, 30, 30)
+  pixels[:, 16:] = (30, 30, 220)
+  rgb = Image.fromarray(pixels)
+  exif = Image.Exif()
+  exif[builder_utils.EXIF_ORIENTATION] = 6  # Shown turned 90 degrees clockwise.
+  rgba = rgb.convert("RGBA")
+  rgba.paste((0, 0, 0, 0), (0, 0, 48, 8))  # The top rows transparent, black beneath.
+  on_white = pixels.copy()
+  on_white[:8] = 255
+  grey = np.asarray(rgb.convert("L"))
+  images = {  # class/file -> (image, save options, expected pixels)
+      "Jersey/turned.jpg": (rgb, dict(exif=exif, quality=95), np.rot90(pixels, k=-1)),
+      "Jersey/cmyk.jpg": (rgb.convert("CMYK"), dict(quality=95),
+                          np.asarray(rgb.convert("CMYK").convert("RGB"))),
+      "Holstein/rgba.png": (rgba, {}, on_white),
+      "Holstein/la.png": (rgba.convert("LA"), {}, np.where(on_white == 255, 255, np.stack(
+          [grey] * 3, -1))),
+      "Gir/palette.png": (rgb.convert("P"), {}, np.asarray(rgb.convert("P").convert("RGB"))),
+  }
+  expected = {}
+  for path, (image, options, want) in images.items():
+    os.makedirs(os.path.join(root, os.path.dirname(path)), exist_ok=True)
+    image.save(os.path.join(root, path), **options)
+    expected[path] = want
+  return expected
+
+
+def test_builds_store_upright_rgb_images_as_the_feature_declares(tmp_path):
+  expected = _write_unusual_images(str(tmp_path / "cows"))
+  builder, report = prepare.prepare("agri_downstream/cow_breed", str(tmp_path / "cows"),
+                                    str(tmp_path / "tfds"))
+  assert not report["skipped"]
+  seen = {}
+  for split in builder.info.splits:
+    source = builder.as_data_source(split=split)  # Plain TFDS decoding.
+    for i in range(len(source)):
+      seen[_decode(source[i]["image_path"])] = source[i]["image"]
+  assert sorted(seen) == sorted(expected)
+  for path, image in seen.items():
+    assert image.shape == expected[path].shape, path  # 3 channels; the turned one 48x32.
+    if path.endswith(".jpg"):  # Stored at quality 95; colour blurs a little at the edge.
+      assert np.abs(image.astype(int) - expected[path]).mean() < 4, path
+    else:
+      np.testing.assert_array_equal(image, expected[path], err_msg=path)
+
+
 def _open(data):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   import io  # pylint: disable=g-import-not-at-top
