@@ -33,12 +33,15 @@ def find_images(paths: list[str]) -> list[str]:
 
 
 def decode_images(files: list[str], size: int):
-  """(uint8 arrays, their files, [(file, reason)] for files that could not be read)."""
+  """(uint8 arrays, their files, [(file, reason)] for files that could not be read).
+
+  Photos are turned upright by their EXIF orientation, as the dataset builders do.
+  """
   arrays, kept, skipped = [], [], []
   for path in files:
     try:
       with open(path, "rb") as f:
-        arrays.append(preprocess.eval_image(f.read(), size))
+        arrays.append(preprocess.eval_image(f.read(), size, upright=True))
       kept.append(path)
     except (OSError, preprocess.CorruptImageError) as e:
       skipped.append((path, str(e)))

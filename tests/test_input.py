@@ -110,6 +110,23 @@ def test_jpeg_draft_decoding_matches_a_full_decode_for_any_size_and_crop():
         assert error.mean() < 2 and error.max() <= 16, (width, height, size, box)
 
 
+def test_predict_and_embed_turn_photos_upright_by_their_exif_orientation(tmp_path):
+  from agriclip_jax import inference  # pylint: disable=g-import-not-at-top
+  pixels = np.zeros((32, 48, 3), np.uint8)
+  pixels[:, :16] = (220, 30, 30)  # Red left, blue right; the edge on JPEG's colour blocks.
+  pixels[:, 16:] = (30, 30, 220)
+  exif = Image.Exif()
+  exif[preprocess.EXIF_ORIENTATION] = 6  # A phone held upright: shown turned clockwise.
+  Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+  Image.fromarray(np.rot90(pixels, k=-1).copy()).save(tmp_path / "upright.jpg", quality=95)
+  arrays, kept, skipped = inference.decode_images(
+      [str(tmp_path / "phone.jpg"), str(tmp_path / "upright.jpg")], 16)
+  assert len(kept) == 2 and not skipped
+  phone, upright = (a.astype(np.int32) for a in arrays)
+  assert np.abs(phone - upright).mean() < 4  # Sideways, by 47 on average.
+  assert phone[0, :, 0].mean() > 150 and phone[-1, :, 2].mean() > 150  # Red above blue.
+
+
 def test_corrupt_and_truncated_images_raise_clear_errors():
   with pytest.raises(preprocess.CorruptImageError, match="cannot decode image"):
     preprocess.eval_image(b"not an image", 8)

@@ -19,6 +19,7 @@ from PIL import ImageOps
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+EXIF_ORIENTATION = 0x0112
 
 
 class CorruptImageError(ValueError):
@@ -88,10 +89,25 @@ def train_image(data: bytes, size: int, rng: np.random.Generator, scale=(0.5, 1.
   return np.ascontiguousarray(out)
 
 
-def eval_image(data: bytes, size: int) -> np.ndarray:
-  """Resize the shorter side to `size` and take the central square."""
+def eval_image(data: bytes, size: int, upright: bool = False) -> np.ndarray:
+  """Resize the shorter side to `size` and take the central square.
+
+  `upright`: first turn the image as its EXIF orientation says. For files straight from a
+  camera (predict, embed); dataset images were turned once, when the dataset was built.
+  """
   image = open_image(data)
+  if upright:
+    image = _upright(image)
   return _finish(image, center_crop_box(*image.size), size)
+
+
+def _upright(image: Image.Image) -> Image.Image:
+  try:
+    if image.getexif().get(EXIF_ORIENTATION, 1) not in range(2, 9):
+      return image  # Left undecoded, so a JPEG can still be drafted.
+    return ImageOps.exif_transpose(image)
+  except Exception as e:  # Truncated data surfaces here, when pixels are read.
+    raise CorruptImageError(f"cannot decode image ({type(e).__name__}: {e})") from None
 
 
 def normalize(images, mean=CLIP_MEAN, std=CLIP_STD, dtype=jnp.float32):
