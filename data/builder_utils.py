@@ -182,33 +182,58 @@ def load_json(path: str) -> Any:
 def read_table(path: str, delimiter: str | None = None) -> Iterator[tuple[int, dict]]:
   """(line number, row dict) for each row of a CSV (or, by suffix, TSV) file with a header.
 
-  A row with the wrong number of fields, or text that is not CSV, stops with file:line.
+  A row with the wrong number of fields, or text that is not CSV, stops with file:line. A
+  UTF-8 byte-order mark (Excel's "CSV UTF-8") is dropped. Rows that span several lines (a
+  quote opened a field that runs over line ends) are logged with their lines: in a quoted
+  table such a quote swallows the rows after it into one field.
   """
-  delimiter = delimiter or ("\t" if path.lower().endswith(".tsv") else ",")
-  with open(path, encoding="utf-8", newline="") as f:
-    reader = csv.reader(f, delimiter=delimiter)
+  with open(path, encoding="utf-8-sig", newline="") as f:
+    reader = _table_reader(f, path, delimiter)
     try:
       header = next(reader, None)
       if not header:
         raise InputError(f"{path}:1: empty table (a header row is needed)")
       header = [h.strip() for h in header]
+      spanning, rows, header_end = [], 0, reader.line_num
+      last_line = header_end
       for row in reader:
+        if reader.line_num > last_line + 1 and row:
+          spanning.append(f"{last_line + 1}-{reader.line_num}")
+        last_line = reader.line_num
         if not row:
           continue
         if len(row) != len(header):
           raise InputError(f"{path}:{reader.line_num}: {len(row)} fields, the header has "
                            f"{len(header)}")
+        rows += 1
         yield reader.line_num, dict(zip(header, row))
     except csv.Error as e:
       raise InputError(f"{path}:{reader.line_num}: malformed table: {e}") from None
     except UnicodeDecodeError as e:
       raise InputError(f"{path}:{reader.line_num + 1}: not UTF-8 text ({e.reason})") from None
+  if spanning:
+    logging.warning("%s: %d lines after the header hold %d rows: rows span lines %s (a quote "
+                    "opened a field that runs over line ends)", path, last_line - header_end,
+                    rows, ", ".join(spanning[:10]))
 
 
 def table_header(path: str, delimiter: str | None = None) -> list[str]:
+  with open(path, encoding="utf-8-sig", newline="") as f:
+    return [h.strip() for h in next(_table_reader(f, path, delimiter), [])]
+
+
+def _table_reader(f, path: str, delimiter: str | None):
+  """A csv reader for `f`: CSV with quotes; TSV as TSV, with quotes only if the file quotes
+  every field of its header (else a caption that starts with a quote would swallow the rows
+  after it, and quotes inside captions would be lost)."""
   delimiter = delimiter or ("\t" if path.lower().endswith(".tsv") else ",")
-  with open(path, encoding="utf-8", newline="") as f:
-    return [h.strip() for h in next(csv.reader(f, delimiter=delimiter), [])]
+  if delimiter != "\t":
+    return csv.reader(f, delimiter=delimiter)
+  with open(path, "rb") as raw:  # Bytes: a decoding error is reported with its line later.
+    header = raw.readline().decode("utf-8-sig", "replace").rstrip("\r\n").split("\t")
+  if all(len(h) >= 2 and h.startswith('"') and h.endswith('"') for h in header):
+    return csv.reader(f, delimiter="\t")
+  return csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
 
 
 def stream_json_object(path: str, chunk_size: int = 1 << 20) -> Iterator[tuple[str, Any]]:

@@ -149,6 +149,62 @@ def test_alive_malformed_or_mismatched_table_is_one_line(tmp_path):
   assert paths[b"Cow Breed/Jersey/j2.jpg"] == ["a cow"]
 
 
+def _captions_by_path(builder):
+  return {_decode(ex["image_path"]): _decode(ex["captions"]) for s in builder.info.splits
+          for ex in _examples(builder, s)}
+
+
+def test_alive_reads_a_csv_with_a_utf8_byte_order_mark(tmp_path):
+  raw = tmp_path / "raw"
+  fixtures.write_alive(str(raw))
+  text = (raw / "captions.csv").read_text(encoding="utf-8")
+  (raw / "captions.csv").write_text(text, encoding="utf-8-sig")  # Excel's "CSV UTF-8".
+  assert builder_utils.table_header(str(raw / "captions.csv"))[0] == "filepath"
+  builder, _ = prepare.prepare("alive", str(raw), str(tmp_path / "tfds"))
+  assert _captions_by_path(builder)["Banana Deficiency/boron/b1.jpg"] == [
+      "une feuille de bananier carencée en bore"]
+  # The column can also be named (a BOM would have made it "\ufefffilepath").
+  builder, _ = prepare.prepare("alive", str(raw), str(tmp_path / "tfds"),
+                               ["image_column=filepath"])
+  assert "Banana Deficiency/boron/b1.jpg" in _captions_by_path(builder)
+
+
+TSV_ROWS = [  # Captions that start with a quote, one never closed, and quotes inside.
+    ("Cow Breed/Jersey/j1.png", '"Jersey" cattle, renowned for their milk'),
+    ("Cow Breed/Jersey/j2.jpg", '"Best of breed: a Jersey cow'),  # Swallowed the next row.
+    ("Banana Deficiency/boron/b1.jpg", 'a "boron" deficient leaf, 6" wide'),
+    ("Banana Deficiency/boron/b2.jpg", "a leaf"),
+]
+
+
+def test_alive_reads_an_unquoted_tsv_verbatim(tmp_path):
+  raw = tmp_path / "raw"
+  fixtures.write_alive(str(raw))
+  os.remove(raw / "captions.csv")
+  lines = ["filepath\ttitle"] + [f"{path}\t{caption}" for path, caption in TSV_ROWS]
+  (raw / "captions.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+  captions = _captions_by_path(prepare.prepare("alive", str(raw), str(tmp_path / "tfds"))[0])
+  for path, caption in TSV_ROWS:  # No row swallowed by the first quote, no quote lost.
+    assert captions[path] == [caption], path
+
+
+def test_tables_quoted_throughout_are_unquoted_and_rows_over_several_lines_are_logged(
+    tmp_path, monkeypatch):
+  path = tmp_path / "quoted.tsv"
+  path.write_text('"image"\t"caption"\n"a.jpg"\t"with\ta tab and ""quotes"""\n',
+                  encoding="utf-8")
+  assert [row for _, row in builder_utils.read_table(str(path))] == [
+      {"image": "a.jpg", "caption": 'with\ta tab and "quotes"'}]
+  warnings = []
+  monkeypatch.setattr(builder_utils.logging, "warning", lambda *a: warnings.append(a[0] % a[1:]))
+  path = tmp_path / "swallowed.csv"  # A quote opens a field that swallows the next rows.
+  path.write_text('image,caption\na.jpg,"a 6\nb.jpg,x\nc.jpg,y" post\nd.jpg,z\n',
+                  encoding="utf-8")
+  assert [line for line, _ in builder_utils.read_table(str(path))] == [4, 5]
+  assert warnings == [f"{path}: 4 lines after the header hold 2 rows: rows span lines 2-4 (a "
+                      "quote opened a field that runs over line ends)"]
+
+
 def test_tfds_cli_builds_alive(tmp_path):
   raw = tmp_path / "raw"
   fixtures.write_alive(str(raw))
