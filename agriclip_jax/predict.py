@@ -56,7 +56,7 @@ def parse(argv):
 def _read_text(path: str) -> str:
   from agriclip_jax import config_lib  # pylint: disable=g-import-not-at-top
   try:
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # Drops Excel's byte-order mark.
       return f.read()
   except UnicodeDecodeError as e:
     raise config_lib.ConfigError(f"{path} is not UTF-8 text ({e.reason})") from None

@@ -94,3 +94,16 @@ def _png() -> bytes:
   out = io.BytesIO()
   Image.new("RGB", (8, 8)).save(out, format="PNG")
   return out.getvalue()
+
+
+def test_taxonomy_and_class_files_with_a_utf8_byte_order_mark(tmp_path):
+  (tmp_path / "taxonomy.csv").write_text("species,genus\nQuercus robur,Quercus\n"
+                                         "Quercus ilex,Quercus\n", encoding="utf-8-sig")
+  (tmp_path / "classes.txt").write_text("oak\nash\n", encoding="utf-8-sig")
+  args = predict.parse(["--checkpoint", "x", "--taxonomy", str(tmp_path / "taxonomy.csv"),
+                        "--rank", "genus", "p.png"])
+  assert predict.read_classes(args) == (["Quercus robur", "Quercus ilex"], ["Quercus"], [0, 0])
+  args.rank = "species"  # The first column: named as written, without the mark.
+  assert predict.read_classes(args)[1] == ["Quercus ilex", "Quercus robur"]
+  args = predict.parse(["--checkpoint", "x", "--classes", str(tmp_path / "classes.txt"), "p.png"])
+  assert predict.read_classes(args)[0] == ["oak", "ash"]
