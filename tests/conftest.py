@@ -11,6 +11,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# PyTorch's compiler stack (which transformers and open_clip import) loads triton's native
+# library, which crashes the process when TensorFlow was loaded before it: load it first.
+try:
+  import torch._dynamo  # pylint: disable=g-import-not-at-top,unused-import
+except ImportError:
+  pass
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 

@@ -29,6 +29,11 @@ def get_config(arg=None):
     config.requires = []
     config.init.workdir = ""
     config.model.img.update(preset="timm", pool_type="tok")
+  elif options.kind in ("clip_form", "siglip_form"):  # Towers transformers' CLIP / SigLIP hold.
+    family = options.kind.split("_")[0]
+    config = alive_clip.get_config("demo,loss=" + ("sigmoid" if family == "siglip" else "softmax"))
+    config.model.img = dict(preset=family, head=family == "clip")
+    config.model.txt = dict(preset=family, head=True)
   elif options.kind == "pretrain":
     config = image_pretrain.get_config("demo")
   elif options.kind == "dino":
