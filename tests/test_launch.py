@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import time
 
 import numpy as np
@@ -124,6 +125,26 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_good_checkpoints(data_d
   assert steps and max(steps) < bad_step
   losses = _last_losses(workdir)
   assert all(np.isfinite(losses[s]) for s in losses if s < bad_step)
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused_naming_the_first(data_dir, tmp_path):
+  workdir = str(tmp_path)
+  forever = ("--config.total_steps=100000", "--config.eval_every=100000")
+  first = launch(workdir, "tests/tiny_config.py:kind=clip", *forever, data_dir=data_dir,
+                 background=True)
+  try:
+    _wait_for_checkpoint(first, workdir, 4)
+    second = launch(workdir, "tests/tiny_config.py:kind=clip", *forever, data_dir=data_dir,
+                    timeout=300)
+    assert first.poll() is None
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+  assert second.returncode == 2, second.stderr[-3000:]
+  error = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+  assert len(error) == 1 and "is in use by another run" in error[0], second.stderr[-3000:]
+  assert f"pid {first.pid} on {socket.gethostname()}, started " in error[0]
+  assert "Traceback" not in second.stderr
 
 
 def test_lit_locks_the_pretrained_image_tower(data_dir, tmp_path):

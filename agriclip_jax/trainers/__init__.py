@@ -5,6 +5,7 @@ import importlib
 import os
 
 from agriclip_jax import config_lib
+from agriclip_jax import workdir_lock
 
 TRAINERS = {
     "contrastive": "agriclip_jax.trainers.contrastive",
@@ -33,8 +34,10 @@ def validate(config) -> None:
 
 
 def run(config, workdir: str):
-  """Validates `config` and trains it in `workdir`; returns the run's summary."""
+  """Validates `config` and trains it in `workdir`, holding the workdir's lock (one run per
+  workdir); returns the run's summary."""
   validate(config)
   workdir = config_lib.absolute(workdir)
   os.makedirs(workdir, exist_ok=True)
-  return get(config.trainer).train(config, workdir)
+  with workdir_lock.hold(workdir):
+    return get(config.trainer).train(config, workdir)
