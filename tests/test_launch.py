@@ -127,6 +127,28 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_good_checkpoints(data_d
   assert all(np.isfinite(losses[s]) for s in losses if s < bad_step)
 
 
+def test_an_update_that_overflows_the_parameters_is_never_saved(data_dir, tmp_path):
+  """The loss and gradient norm of a step are those before its update: only a check of the
+  state itself keeps a poisoned checkpoint from being saved (and resumed from)."""
+  workdir = str(tmp_path)
+  result = launch(workdir, "tests/tiny_config.py:kind=clip", "--config.optim.lr=1e39",
+                  "--config.checkpoint_every=1", "--config.total_steps=4", data_dir=data_dir)
+  assert result.returncode == 2, result.stderr[-3000:]
+  error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(error) == 1 and "not saved" in error[0], result.stderr[-3000:]
+  bad_step = int(error[0].split(" at step ")[1].split(" ")[0])
+  assert "Traceback" not in result.stderr
+  steps = _checkpoint_steps(workdir) if os.path.isdir(os.path.join(workdir, "checkpoints")) \
+      else []
+  assert all(step < bad_step for step in steps)
+  for step in steps:
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    state = flatten(ocp.PyTreeCheckpointer().restore(path))
+    for key, value in state.items():
+      if np.issubdtype(np.asarray(value).dtype, np.floating):
+        assert np.isfinite(value).all(), (step, key)
+
+
 def test_a_second_run_on_a_busy_workdir_is_refused_naming_the_first(data_dir, tmp_path):
   workdir = str(tmp_path)
   forever = ("--config.total_steps=100000", "--config.eval_every=100000")

@@ -4,7 +4,9 @@
   initialises (then copies `config.init` parameters, if any).
 - Checks every step's loss and gradient norm for non-finite values, one step behind so the
   device never waits; a non-finite value stops the run naming the step, and no checkpoint is
-  ever written after it.
+  ever written after it. The loss and gradient are those before the step's update, so the state
+  itself is also checked before each save: an update that overflows the parameters would
+  otherwise be saved, and every re-run would resume into NaN.
 - SIGTERM (single process) or JAX's preemption sync point (multi-process) saves a checkpoint
   and stops with `Preempted`.
 - At the last step it evaluates, checkpoints and writes `summary.json`; a run whose summary is
@@ -30,6 +32,7 @@ from agriclip_jax import config_lib
 from agriclip_jax import metrics as metrics_lib
 from agriclip_jax import optim
 from agriclip_jax import sharding
+from agriclip_jax.pytree import path_str
 from agriclip_jax.trainers import state as state_lib
 
 SUMMARY = "summary.json"
@@ -62,6 +65,18 @@ def write_summary(workdir: str, summary: dict[str, Any]) -> None:
   with open(tmp, "w") as f:
     json.dump(summary, f, indent=1)
   os.replace(tmp, os.path.join(workdir, SUMMARY))
+
+
+def _is_float(leaf) -> bool:
+  return jax.numpy.issubdtype(leaf.dtype, jax.numpy.inexact)
+
+
+@jax.jit
+def _all_finite(state) -> tuple[jax.Array, ...]:
+  """Whether each float array of `state` is all finite, computed on device; scalars, so each
+  is replicated and readable on every process."""
+  return tuple(jax.numpy.isfinite(leaf).all() for leaf in jax.tree.leaves(state)
+               if _is_float(leaf))
 
 
 class _StopSignal:
@@ -148,7 +163,7 @@ class Loop:
         if stop.reached(step):
           self._check(unchecked)
           if checkpoints.latest_step() != step:  # It may have just been saved.
-            checkpoints.save(step, state, self.train_iter)
+            self._save(checkpoints, step, state)
           checkpoints.wait()
           raise Preempted(f"stopped by SIGTERM at step {step}; checkpoint saved in "
                           f"{checkpoints.directory}; run the same command to resume")
@@ -171,7 +186,7 @@ class Loop:
           last_eval = self.evaluate(state, step, due) or last_eval
         if due(config.checkpoint_every):
           self._check(unchecked)
-          checkpoints.save(step, state, self.train_iter)
+          self._save(checkpoints, step, state)
       checkpoints.wait()
       if not last_eval:  # Resumed at the last step after its evaluation was lost.
         last_eval = self.evaluate(state, step, lambda every: True)
@@ -189,6 +204,20 @@ class Loop:
           raise NonFiniteError(
               f"{key} is {value} at step {step}; stopped. Checkpoints before this step are "
               f"kept in {self.workdir}/checkpoints")
+
+  def _save(self, checkpoints: checkpointing.Checkpoints, step: int, state) -> None:
+    """Saves `state` unless a float in it is NaN or infinite (then NonFiniteError)."""
+    finite = jax.device_get(_all_finite(state))
+    if not all(finite):
+      paths = [path_str(p) for p, leaf in jax.tree_util.tree_leaves_with_path(state)
+               if _is_float(leaf)]
+      bad = [p for p, ok in zip(paths, finite) if not ok]
+      more = f" and {len(bad) - 1} more arrays" if len(bad) > 1 else ""
+      raise NonFiniteError(
+          f"the state to save at step {step} holds NaN or infinite values ({bad[0]}{more}); "
+          f"not saved, stopped. Checkpoints before this step are kept in "
+          f"{self.workdir}/checkpoints")
+    checkpoints.save(step, state, self.train_iter)
 
   def _log(self, step: int, since_log) -> None:
     """Writes the mean of each metric over the steps since the last log line."""
