@@ -117,6 +117,27 @@ def expand_path(path: str | None, workdir: str) -> str | None:
   return absolute(path.format(workdir=workdir))
 
 
+def changes(old: dict, new: dict, ignored: Iterable[str] = ()) -> list[str]:
+  """["field: old -> new", ...] between two configs as JSON dicts (nested), leaving out the
+  dotted names in `ignored` and the fields below them."""
+
+  def flat(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+      if isinstance(value, dict) and value:
+        out.update(flat(value, f"{prefix}{key}."))
+      else:
+        out[prefix + key] = value
+    return out
+
+  old, new = flat(old), flat(new)
+  ignored = tuple(ignored)
+  show = lambda fields, k: json.dumps(fields[k]) if k in fields else "(unset)"
+  return [f"{k}: {show(old, k)} -> {show(new, k)}" for k in sorted(set(old) | set(new))
+          if (k in old, old.get(k)) != (k in new, new.get(k))
+          and not any(k == i or k.startswith(i + ".") for i in ignored)]
+
+
 def load(config_spec: str) -> ml_collections.ConfigDict:
   """"configs/x.py:demo,img=B/16" -> the ConfigDict that file's get_config returns."""
   import importlib.util  # pylint: disable=g-import-not-at-top

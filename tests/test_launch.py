@@ -169,6 +169,39 @@ def test_a_second_run_on_a_busy_workdir_is_refused_naming_the_first(data_dir, tm
   assert "Traceback" not in second.stderr
 
 
+def test_resuming_with_another_trajectory_needs_consent_and_keeps_both_configs(data_dir,
+                                                                              tmp_path):
+  workdir = str(tmp_path)
+  result = launch(workdir, "tests/tiny_config.py:kind=clip", "--config.total_steps=4",
+                  data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, "config.json")) as f:
+    lr = json.load(f)["optim"]["lr"]
+  changed = ("--config.total_steps=8", f"--config.optim.lr={2 * lr}", "--config.log_every=1",
+             "--config.input.num_threads=1")
+  result = launch(workdir, "tests/tiny_config.py:kind=clip", *changed, data_dir=data_dir)
+  assert result.returncode == 2, result.stderr[-3000:]
+  error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(error) == 1, result.stderr[-3000:]
+  assert "total_steps: 4 -> 8" in error[0] and f"optim.lr: {lr} -> {2 * lr}" in error[0]
+  assert "log_every" not in error[0] and "num_threads" not in error[0]  # Not trajectory.
+  assert "--config.allow_config_change=True" in error[0]
+  assert "Traceback" not in result.stderr
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["total_steps"] == 4  # Untouched by the refused run.
+
+  result = launch(workdir, "tests/tiny_config.py:kind=clip", *changed,
+                  "--config.allow_config_change=True", data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "finished at step 8" in result.stdout
+  with open(os.path.join(workdir, "config.4.json")) as f:
+    old = json.load(f)
+  with open(os.path.join(workdir, "config.json")) as f:
+    new = json.load(f)
+  assert (old["total_steps"], old["optim"]["lr"]) == (4, lr)
+  assert (new["total_steps"], new["optim"]["lr"]) == (8, 2 * lr)
+
+
 def test_lit_locks_the_pretrained_image_tower(data_dir, tmp_path):
   workdir = str(tmp_path)
   result = launch(workdir, "tests/tiny_config.py:kind=lit", data_dir=data_dir)
@@ -193,7 +226,8 @@ def test_mismatched_checkpoint_is_one_line(data_dir, tmp_path):
   assert launch(workdir, "tests/tiny_config.py:kind=clip", "--config.total_steps=4",
                 data_dir=data_dir).returncode == 0
   result = launch(workdir, "tests/tiny_config.py:kind=clip", "--config.total_steps=8",
-                  "--config.model.out_dim=48", data_dir=data_dir)
+                  "--config.model.out_dim=48", "--config.allow_config_change=True",
+                  data_dir=data_dir)
   assert result.returncode == 2
   error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(error) == 1 and "does not match the config" in error[0]

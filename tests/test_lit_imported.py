@@ -41,7 +41,8 @@ def test_lit_locks_an_imported_timm_tower_and_resumes(data_dir, tmp_path):
   assert "config.init.img: " in result.stderr and "(timm)" in result.stderr
   first, _ = state_lib.load_entry(workdir, "params", DEVICE)
   result = launch(workdir, "tests/tiny_config.py:kind=lit_imported", *flags,
-                  "--config.total_steps=8", data_dir=data_dir)
+                  "--config.total_steps=8", "--config.allow_config_change=True",
+                  data_dir=data_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Resuming from" in result.stderr
   trained, step = state_lib.load_entry(workdir, "params", DEVICE)

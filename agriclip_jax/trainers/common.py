@@ -91,6 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Runs this one needs, trained first when unfinished: [dict(workdir=..., config=...)],
   # e.g. the image tower LiT locks, or the CLIP and DINO runs an alignment reads.
   config.requires = []
+  # Resuming with fields that change the run's course (RESUME_NEUTRAL names those that do not)
+  # stops unless this is True; the replaced config is then kept as config.<step>.json.
+  config.allow_config_change = False
   return config
 
 
@@ -113,6 +116,48 @@ def check_values(config) -> None:
   if config.input.text_choice not in ("step", "example"):
     raise config_lib.ConfigError("config.input.text_choice must be 'step' or 'example'; got "
                                  f"{config.input.text_choice!r}")
+
+
+# Fields a resumed run may change without changing its course: how often it logs, evaluates
+# and saves, what it evaluates, where data lives, how it is laid out on devices, and what only a
+# run's start reads (init, requires). Dotted names; a name covers the fields below it.
+RESUME_NEUTRAL = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "evals",
+                  "eval_batch_size", "input.data_dir", "input.num_threads",
+                  "input.worker_count", "mesh", "sharding_rules", "fsdp_min_size", "init",
+                  "requires", "allow_config_change")
+
+
+def save_config(config, workdir: str) -> None:
+  """Writes config.json; when resuming, first compares it with the run's stored config.
+
+  A change outside RESUME_NEUTRAL (total_steps moves the schedule, batch size and learning
+  rate the trajectory) is refused in one line listing the changes, unless
+  `config.allow_config_change`; then the stored config is kept as config.<step>.json (step:
+  the checkpoint it led to), so the run's history says which config made which steps.
+  """
+  path = os.path.join(workdir, "config.json")
+  step = state_lib.latest_step(os.path.join(workdir, "checkpoints"))
+  new = json.loads(config.to_json_best_effort())
+  if step is not None and os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    changes = config_lib.changes(old, new, RESUME_NEUTRAL)
+    if changes and not config.allow_config_change:
+      raise config_lib.ConfigError(
+          f"the config differs from the one that trained {workdir} to step {step}: "
+          f"{'; '.join(changes)}; to resume with it anyway, add "
+          "--config.allow_config_change=True (the old config is kept as "
+          f"config.{step}.json)")
+    history = os.path.join(workdir, f"config.{step}.json")
+    # A config that trained no checkpoint (its run stopped before one) is history to no step.
+    if changes and jax.process_index() == 0 and not os.path.exists(history):
+      os.replace(path, history)
+    if changes:
+      logging.warning("Resuming at step %d with a changed config: %s", step, "; ".join(changes))
+  if jax.process_index() == 0:
+    with open(path + ".tmp", "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+    os.replace(path + ".tmp", path)
 
 
 def components(input_config) -> list[dict[str, Any]]:
@@ -256,11 +301,9 @@ class Setup:
       for key in feature_keys:
         check_feature(builder, component[key], f"input.{key}")
       sources.append((builder, datasets.data_source(builder, component["split"]), component))
+    save_config(config, workdir)
     writer = metrics_lib.Writer(workdir)
     writer.hparams(flax.traverse_util.flatten_dict(config.to_dict(), sep="."))
-    if jax.process_index() == 0:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=1))
     logging.info("Mesh %s over %d devices in %d processes; training on %s", dict(mesh.shape),
                  jax.device_count(), jax.process_count(),
                  ", ".join(f"{b.info.full_name}/{c['split']} ({len(s)} examples, weight "
