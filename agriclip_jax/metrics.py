@@ -17,6 +17,14 @@ def _scalar(value) -> float:
   return float(np.asarray(value))
 
 
+def _step(line: str) -> float:
+  """A record's step; a record cut short by a killed run counts as past every step."""
+  try:
+    return json.loads(line)["step"]
+  except (ValueError, KeyError):
+    return math.inf
+
+
 class Writer:
 
   def __init__(self, workdir: str):
@@ -37,6 +45,23 @@ class Writer:
           k: (v if math.isfinite(v) else str(v)) for k, v in scalars.items()}}) + "\n")
       self._jsonl.flush()
     return scalars
+
+  def drop_after(self, step: int) -> None:
+    """Removes metrics.jsonl's records past `step` (a resumed run's restored step): they
+    belong to steps the run lost and now trains again, which would otherwise be listed twice.
+    The file is rewritten atomically, so a crash leaves the old or the new one whole."""
+    if not self._jsonl:
+      return
+    path = self._jsonl.name
+    self._jsonl.close()
+    with open(path) as f:
+      lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if _step(line) <= step]
+    if len(kept) < len(lines):
+      with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+      os.replace(path + ".tmp", path)
+    self._jsonl = open(path, "a")
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     """[batch, height, width, 3] uint8 images (TensorBoard)."""

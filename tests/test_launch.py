@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import time
@@ -25,7 +26,7 @@ def _summary(workdir):
 
 
 def _last_losses(workdir):
-  """The last logged loss of each step (a resumed run logs some steps twice)."""
+  """The last logged loss of each step."""
   return {r["step"]: r["loss"] for r in metrics_lib.read_jsonl(workdir) if "loss" in r}
 
 
@@ -200,6 +201,24 @@ def test_resuming_with_another_trajectory_needs_consent_and_keeps_both_configs(d
     new = json.load(f)
   assert (old["total_steps"], old["optim"]["lr"]) == (4, lr)
   assert (new["total_steps"], new["optim"]["lr"]) == (8, 2 * lr)
+
+
+def test_resume_drops_the_metrics_of_the_steps_it_trains_again(data_dir, tmp_path):
+  workdir = str(tmp_path)
+  result = launch(workdir, "tests/tiny_config.py:kind=clip", "--config.total_steps=8",
+                  data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  logged = metrics_lib.read_jsonl(workdir)
+  # As if killed after step 8 was logged and evaluated but before its checkpoint was written.
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "8"))
+  os.remove(os.path.join(workdir, "summary.json"))
+  result = launch(workdir, "tests/tiny_config.py:kind=clip", "--config.total_steps=8",
+                  data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resuming from" in result.stderr
+  relogged = metrics_lib.read_jsonl(workdir)
+  assert [r["step"] for r in relogged] == [r["step"] for r in logged]  # No step twice.
+  assert [sorted(r) for r in relogged] == [sorted(r) for r in logged]
 
 
 def test_lit_locks_the_pretrained_image_tower(data_dir, tmp_path):

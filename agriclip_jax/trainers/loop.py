@@ -1,7 +1,8 @@
 """The training loop shared by trainers: steps, logging, evaluation, checkpoints, stopping.
 
 - Resumes from the latest checkpoint in `workdir/checkpoints` (state + data iterator), else
-  initialises (then copies `config.init` parameters, if any).
+  initialises (then copies `config.init` parameters, if any). metrics.jsonl loses its records
+  past the step it starts from: those steps are trained again.
 - Checks every step's loss and gradient norm for non-finite values, one step behind so the
   device never waits; a non-finite value stops the run naming the step, and no checkpoint is
   ever written after it. The loss and gradient are those before the step's update, so the state
@@ -153,6 +154,7 @@ class Loop:
         os.path.join(self.workdir, "checkpoints"), config.keep_checkpoints)
     state = self._restore_or_init(checkpoints)
     step = int(state["step"])
+    self.writer.drop_after(step)
     progress = periodic_actions.ReportProgress(
         num_train_steps=total, writer=self.writer.clu, every_secs=None if config.log_every
         else 60.0, every_steps=config.log_every or None)
