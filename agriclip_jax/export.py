@@ -9,7 +9,8 @@
 checkpoint), so the command also converts between formats. A model the requested format
 cannot express is written in the native format (safetensors + agriclip_model.json) instead,
 and one line names what does not fit. An AgriCLIP alignment run exports its aligner (a
-PyTorch nn.Linear's weight and bias). Prints JSON: what was written and how to load it.
+PyTorch nn.Linear's weight and bias). `--wise-base BASE --alpha a` exports the WiSE-FT mix
+(1 - a) * BASE + a * run of a run fine-tuned from BASE. Prints JSON: what was written and how to load it.
 Exit status: 0 written as asked, 3 written in the native format instead, 2 on bad input.
 """
 
@@ -32,8 +33,15 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir", required=True, help=predict.CHECKPOINT_HELP)
   parser.add_argument("--out", required=True, help="The directory to write (created).")
   parser.add_argument("--format", default="hf", choices=("hf", "open_clip", "native"))
+  parser.add_argument("--wise-base", dest="wise_base", default=None,
+                      help="WiSE-FT: the run or checkpoint --workdir was fine-tuned from; the "
+                      "export is (1 - alpha) * base + alpha * fine-tuned.")
+  parser.add_argument("--alpha", type=float, default=None,
+                      help="WiSE-FT mixing weight of the fine-tuned run (with --wise-base).")
   predict.add_checkpoint_options(parser)
   args = parser.parse_args(argv)
+  if (args.wise_base is None) != (args.alpha is None):
+    parser.error("--wise-base and --alpha go together")
   import jax  # pylint: disable=g-import-not-at-top
   from agriclip_jax import errors  # pylint: disable=g-import-not-at-top
   from agriclip_jax import runs  # pylint: disable=g-import-not-at-top
@@ -48,6 +56,8 @@ def main(argv=None) -> int:
       raise errors.ConfigError(f"--out {args.out} exists and is not empty")
     mesh = sharding.make_mesh([("data", -1), ("fsdp", 1)], jax.local_devices())
     run = runs.load(args.workdir, mesh, args.checkpoint_format, args.tokenizer)
+    if args.wise_base is not None:
+      run = runs.interpolate(runs.load(args.wise_base, mesh), run, args.alpha)
     if run.config.trainer == "align":
       from agriclip_jax.trainers import align  # pylint: disable=g-import-not-at-top
       weights, bias, _ = align.load_aligner(run.config, run.workdir)
@@ -67,6 +77,8 @@ def main(argv=None) -> int:
     return 2
   result["source"] = run.workdir
   result["step"] = run.step
+  if args.wise_base is not None:
+    result.update(wise_base=args.wise_base, alpha=args.alpha)
   print(json.dumps(result, indent=1))
   return status
 

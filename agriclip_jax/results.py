@@ -126,6 +126,25 @@ def plot_per_class(path: str, accuracy: np.ndarray, counts: np.ndarray,
   return _save(fig, path)
 
 
+def plot_curves(path: str, x: list[float], curves: dict[str, list], xlabel: str, ylabel: str,
+                title: str) -> np.ndarray:
+  """One line per curve (None values left out), e.g. accuracy against the WiSE-FT alpha."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, values in sorted(curves.items()):
+    points = [(a, v) for a, v in zip(x, values) if v is not None]
+    if points:
+      ax.plot(*zip(*points), marker="o", label=name)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  return _save(fig, path)
+
+
 def _save(fig, path: str) -> np.ndarray:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig.tight_layout()

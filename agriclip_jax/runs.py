@@ -47,7 +47,8 @@ class Run:
   encode_texts: Callable[[Any, jax.Array], jax.Array] | None = None
   tokenizer: tokenizer_lib.Tokenizer | None = None
   scale: float | None = None  # The logit scale, when it is not in `params`.
-  revision: int = 0  # Imported checkpoints: the file's modification time.
+  # Imported checkpoints: the file's modification time; WiSE-FT mixes: also alpha and base.
+  revision: Any = 0
 
   @property
   def key(self) -> tuple:
@@ -160,6 +161,37 @@ def load_imported(path: str, mesh: jax.sharding.Mesh, format: str | None = None,
              lambda p, x: model.apply({"params": p}, normalize(x), None)[0],
              lambda p, t: model.apply({"params": p}, None, t)[1], text_tokenizer,
              revision=revision)
+
+
+def interpolate(base: Run, run: Run, alpha: float) -> Run:
+  """WiSE-FT: `run` with parameters (1 - alpha) * base + alpha * run, for a run fine-tuned
+  from `base` (an imported checkpoint or an earlier run). alpha 0 is the base, 1 the run;
+  between, fine-tuning's gains on its domain trade against the base's general skill."""
+  flat_base = dict(_flat_shapes(base.params))
+  flat_run = dict(_flat_shapes(run.params))
+  if flat_base != flat_run:
+    differ = sorted(k for k in set(flat_base) | set(flat_run)
+                    if flat_base.get(k) != flat_run.get(k))
+    raise config_lib.ConfigError(
+        f"WiSE-FT: {base.workdir} and {run.workdir} differ in {len(differ)} parameters, e.g. "
+        + ", ".join(f"{k} {flat_base.get(k, 'absent')} vs {flat_run.get(k, 'absent')}"
+                    for k in differ[:3]))
+
+  def mix(b, f):
+    return ((1 - alpha) * b.astype(jnp.float32) + alpha * f.astype(jnp.float32)).astype(f.dtype)
+
+  params = jax.jit(lambda b, f: jax.tree.map(mix, b, f),
+                   out_shardings=run.params_sharding)(base.params, run.params)
+  return dataclasses.replace(run, params=params,
+                             revision=(run.revision, "wise", float(alpha), base.key))
+
+
+def _flat_shapes(tree, prefix: str = ""):
+  for key, value in tree.items():
+    if isinstance(value, dict) or hasattr(value, "items"):
+      yield from _flat_shapes(value, f"{prefix}{key}/")
+    else:
+      yield f"{prefix}{key}", tuple(value.shape)
 
 
 def _load_agriclip(config, workdir: str, mesh) -> Run:

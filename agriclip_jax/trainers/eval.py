@@ -8,6 +8,10 @@ and accuracy at every taxonomy rank (summed species probabilities; optionally by
 each rank). Writes results.json / .csv / .md, TensorBoard scalars and images, and per
 dataset a confusion matrix and a per-class accuracy chart (`plots/`). A re-run reuses what
 is computed unless `config.force`.
+
+WiSE-FT (`config.wise.base`, a run or checkpoint the runs were fine-tuned from): each run is
+evaluated at every `config.wise.alphas` mix (1 - a) * base + a * run, named "<run>@<a>";
+wise.json and plots/wise_<run>.png give the first table metric against a per dataset.
 """
 
 import json
@@ -66,6 +70,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.table_metrics = "zeroshot/top1,linear_probe/top1,knn/top1"
   config.force = False
   config.plots = True
+  # WiSE-FT: interpolate every run with `base` at each alpha (comma-separated).
+  config.wise = dict(base="", alphas="0,0.25,0.5,0.75,1")
   return config
 
 
@@ -286,8 +292,8 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   if os.path.exists(keys_path) and not config.force:
     with open(keys_path) as f:
       keys = json.load(f)
-  for run_name, checkpoint in zip(names, checkpoints):
-    run = runs.load(checkpoint, mesh)
+  alphas = _alphas(config.wise.alphas) if config.wise.base else []
+  for run_name, run in _runs(config, names, checkpoints, alphas, mesh, workdir):
     context = evaluators.Context(
         mesh=mesh, params_sharding=run.params_sharding,
         params_abstract=jax.eval_shape(lambda p: p, run.params),
@@ -324,8 +330,56 @@ def train(config: ml_collections.ConfigDict, workdir: str):
       if images:
         writer.write_images(run.step, {f"{run_name}/{k}": v[None] for k, v in images.items()})
   writer.close()
+  if alphas and jax.process_index() == 0:
+    _write_wise(workdir, all_results, names, alphas, config.table_metrics.split(",")[0].strip())
   summary = {"step": 0, **results_lib.flat(all_results)}
   if jax.process_index() == 0:
     results_lib.write(workdir, all_results, [m.strip() for m in config.table_metrics.split(",")])
     loop_lib.write_summary(workdir, summary)
   return summary
+
+
+def _alphas(text: str) -> list[float]:
+  try:
+    alphas = [float(a) for a in str(text).split(",") if a.strip()]
+  except ValueError:
+    raise config_lib.ConfigError(f"config.wise.alphas={text!r}: comma-separated numbers "
+                                 "expected, e.g. 0,0.25,0.5,0.75,1") from None
+  if not alphas:
+    raise config_lib.ConfigError("config.wise.alphas is empty")
+  return alphas
+
+
+def wise_name(run_name: str, alpha: float) -> str:
+  return f"{run_name}@{alpha:g}"
+
+
+def _runs(config, names, checkpoints, alphas, mesh, workdir):
+  """(name, run) to evaluate: each checkpoint, or its WiSE-FT mixes with config.wise.base
+  (made one at a time: one mix's parameters in memory)."""
+  base = None
+  if alphas:
+    base = runs.load(config_lib.expand_path(config.wise.base, workdir), mesh)
+  for run_name, checkpoint in zip(names, checkpoints):
+    run = runs.load(checkpoint, mesh)
+    if base is None:
+      yield run_name, run
+      continue
+    for alpha in alphas:
+      yield wise_name(run_name, alpha), runs.interpolate(base, run, alpha)
+
+
+def _write_wise(workdir: str, results, names, alphas, metric: str) -> None:
+  """wise.json ({run: {dataset: [metric at each alpha]}}, with the alphas) and a plot per run."""
+  curves = {}
+  for run_name in names:
+    datasets_seen = sorted({d for a in alphas for d in results.get(wise_name(run_name, a), {})})
+    curves[run_name] = {d: [results.get(wise_name(run_name, a), {}).get(d, {}).get(metric)
+                            for a in alphas] for d in datasets_seen}
+  with open(os.path.join(workdir, "wise.json"), "w") as f:
+    json.dump({"metric": metric, "alphas": alphas, "curves": curves}, f, indent=1)
+  os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+  for run_name, per_dataset in curves.items():
+    results_lib.plot_curves(os.path.join(workdir, "plots", f"wise_{run_name}.png"), alphas,
+                            per_dataset, "alpha (0 = base, 1 = fine-tuned)", metric,
+                            f"WiSE-FT: {run_name}")
