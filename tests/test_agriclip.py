@@ -235,6 +235,7 @@ def test_alignment_and_evaluation_stages_end_to_end(data_dir, tmp_path):
   assert (tmp_path / "align" / "aligner.npz").exists()
   assert (tmp_path / "clip" / "summary.json").exists()  # Required runs were run first.
   assert "heldout/agriclip: top-1" in result.stdout
+  _check_exports(tmp_path)
 
   result = launch(str(tmp_path / "eval"), "tests/tiny_config.py:kind=align_eval",
                   data_dir=data_dir)
@@ -270,6 +271,23 @@ def test_alignment_and_evaluation_stages_end_to_end(data_dir, tmp_path):
   assert aligned["align/fit_rows"] == 720 and aligned["heldout/agriclip/num_examples"] == 48
   with np.load(tmp_path / "align_resnet" / "aligner.npz") as aligner:
     assert aligner["W"].shape == (512, 32)
+
+
+def _check_exports(tmp_path) -> None:
+  """The align run exports its aligner as an nn.Linear's weight and bias; the demo-form CLIP
+  run (average pooling, no class token) falls back to the native format in one line."""
+  from agriclip_jax import export  # pylint: disable=g-import-not-at-top
+  from agriclip_jax.models.importers import common  # pylint: disable=g-import-not-at-top
+  assert export.main(["--workdir", str(tmp_path / "align"), "--out",
+                      str(tmp_path / "aligner_out")]) == 0
+  exported = common.read_safetensors(str(tmp_path / "aligner_out" / "aligner.safetensors"))
+  with np.load(tmp_path / "align" / "aligner.npz") as aligner:
+    np.testing.assert_array_equal(exported["weight"], aligner["W"].T)
+    np.testing.assert_array_equal(exported["bias"], aligner["b"].reshape(-1))
+  status = export.main(["--workdir", str(tmp_path / "clip"), "--out", str(tmp_path / "clip_out"),
+                        "--format", "hf"])
+  assert status == export.FALLBACK_STATUS
+  assert (tmp_path / "clip_out" / "agriclip_model.json").is_file()
 
 
 def _torchvision_resnet(path) -> str:

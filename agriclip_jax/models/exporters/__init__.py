@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 
 from agriclip_jax.input import tokenizer as tokenizer_lib
+from agriclip_jax.models import text
 from agriclip_jax.models import two_towers
+from agriclip_jax.models import vit
 from agriclip_jax.models.exporters import common
 
 FORMATS = ("hf", "open_clip", "native")
@@ -65,8 +67,10 @@ def from_run(run) -> Model:
   model_config = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(
       config.model)
   out_dim = model_config.get("out_dim")
-  img = two_towers.tower_kwargs(model_config["img"], "img", out_dim, "float32")
-  txt = two_towers.tower_kwargs(model_config["txt"], "txt", out_dim, "float32")
+  img = _complete(vit.Model, two_towers.tower_kwargs(model_config["img"], "img", out_dim,
+                                                     "float32"))
+  txt = _complete(text.Model, two_towers.tower_kwargs(model_config["txt"], "txt", out_dim,
+                                                      "float32"))
   params = common.flatten(jax.device_get(run.params))
   txt["vocab_size"] = params["txt/embedding/embedding"].shape[0]
   for tower in (img, txt):
@@ -74,6 +78,13 @@ def from_run(run) -> Model:
   return Model(params=params, img=img, txt=txt, config=model_config, tokenizer=run.tokenizer,
                image_size=int(params["img/pos_embedding"].shape[1] * img["patch_size"]),
                mean=tuple(config.input.mean), std=tuple(config.input.std), source=run.workdir)
+
+
+def _complete(module, kwargs: dict[str, Any]) -> dict[str, Any]:
+  """A tower's keyword arguments with the module's defaults for those the config leaves out."""
+  defaults = {f.name: f.default for f in dataclasses.fields(module)
+              if f.default is not dataclasses.MISSING and f.name not in ("parent", "name")}
+  return {**defaults, **kwargs}
 
 
 def export(model: Model, out: str, format: str) -> dict[str, Any]:  # pylint: disable=redefined-builtin
