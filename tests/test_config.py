@@ -81,3 +81,16 @@ def test_shipped_configs_validate(spec):
   config = config_lib.load(spec.rstrip(":"))
   trainers.validate(config)
   assert config.total_steps > 0
+
+
+def test_resuming_accepts_fields_added_to_the_code_since_but_not_changed_ones(tmp_path):
+  from agriclip_jax.trainers import common  # pylint: disable=g-import-not-at-top
+  (tmp_path / "checkpoints" / "4" / "state").mkdir(parents=True)
+  stored = common.base_config()
+  del stored.input["flip"]  # As if written before the field existed.
+  (tmp_path / "config.json").write_text(stored.to_json_best_effort())
+  config = common.base_config()
+  common.save_config(config, str(tmp_path))  # The added field alone: resumes.
+  config.total_steps = 7
+  with pytest.raises(config_lib.ConfigError, match="total_steps: 1000 -> 7"):
+    common.save_config(config, str(tmp_path))

@@ -142,6 +142,13 @@ def save_config(config, workdir: str) -> None:
     with open(path) as f:
       old = json.load(f)
     changes = config_lib.changes(old, new, RESUME_NEUTRAL)
+    # Fields the stored config lacks were added to the code since (their defaults keep the
+    # old behaviour): logged, not refused, so an update does not strand running jobs.
+    added = [c for c in changes if ": (unset) -> " in c]
+    if added:
+      logging.warning("Fields the stored config lacks (added since it was written): %s",
+                      "; ".join(added))
+    changes = [c for c in changes if c not in added]
     if changes and not config.allow_config_change:
       raise config_lib.ConfigError(
           f"the config differs from the one that trained {workdir} to step {step}: "
