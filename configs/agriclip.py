@@ -26,9 +26,9 @@ pretrained DINO tower aligned instead of one trained here (facebookresearch/dino
       --workdir R/eval
 
 Options: stage=clip|dino|align|eval (default eval), demo, tasks=<agri_downstream tasks the
-eval stage scores, default all of the registry>, clip_init=<CLIP checkpoint the clip stage
-fine-tunes>, dino=<pretrained image checkpoint the align stage uses instead of the dino stage>
-(paths without commas).
+eval stage scores, joined by +; default all of the registry>, clip_init=<CLIP checkpoint the
+clip stage fine-tunes>, dino=<pretrained image checkpoint the align stage uses instead of the
+dino stage> (paths without commas).
 """
 
 from agriclip_jax import config_lib

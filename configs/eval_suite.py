@@ -5,7 +5,8 @@
 
 writes results.json / .csv / .md (datasets x checkpoints, with the mean row), plots/ and
 TensorBoard. The suite is the AgriCLIP downstream tasks (prepare them first, see README),
-or a comma-separated choice: `configs/eval_suite.py:tasks=cow_breed,banana_deficiency`.
+or a choice joined by "+" (config options are separated by commas, so a comma would start
+the next option): `configs/eval_suite.py:tasks=cow_breed+banana_deficiency`.
 
 Demo, after the README's demo command (which trains workdirs/lit_demo):
 
@@ -13,7 +14,7 @@ Demo, after the README's demo command (which trains workdirs/lit_demo):
 
   compares the LiT demo run with the image tower it locked, on agri_synthetic.
 
-Options: demo, tasks=<downstream task names>.
+Options: demo, tasks=<downstream task names joined by +>.
 """
 
 from agriclip_jax import config_lib

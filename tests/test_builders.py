@@ -347,6 +347,13 @@ def test_registry_names_every_known_task():
     assert task.domain in ("crop", "livestock", "fish")
 
 
+def test_eval_suite_names_several_tasks_joined_by_plus():
+  from configs import eval_suite  # pylint: disable=g-import-not-at-top
+  config = eval_suite.get_config("tasks=cow_breed+banana_deficiency")
+  assert sorted(config.datasets) == ["banana_deficiency", "cow_breed"]
+  assert config.datasets.cow_breed.dataset == "agri_downstream/cow_breed"
+
+
 # Shared helpers ---------------------------------------------------------------------------
 
 

@@ -63,8 +63,12 @@ BY_NAME = {task.name: task for task in TASKS}
 
 
 def select(tasks: str) -> list[str]:
-  """Comma-separated task names ("" = all of them), each checked against the registry."""
-  names = [t.strip() for t in tasks.split(",") if t.strip()] or [t.name for t in TASKS]
+  """Task names joined by "+" ("" = all of them), each checked against the registry.
+
+  "+", not ",": a config's options (`configs/eval_suite.py:tasks=a+b,demo`) are separated by
+  commas, so a comma would start the next option.
+  """
+  names = [t.strip() for t in tasks.split("+") if t.strip()] or [t.name for t in TASKS]
   unknown = [t for t in names if t not in BY_NAME]
   if unknown:
     raise ValueError(f"unknown downstream tasks {unknown}; the registry has {sorted(BY_NAME)}")
