@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from typing import Any, Iterator
 
@@ -56,17 +57,39 @@ class ReportedBuild:
 
   During the build `self._report` counts and lists what was skipped and `self._scratch` is a
   temporary directory; TFDS's writer keeps bounded memory. Afterwards the report is written
-  next to the prepared data and summarised in the log.
+  next to the prepared data and summarised in the log. A split that keeps no example stops
+  the build in one line naming the report, which is then written beside where the data would
+  have gone (TFDS deletes its temporary folder on failure).
   """
+
+  def download_and_prepare(self, *args, **kwargs):
+    # TFDS builds in a temporary `incomplete.XXXX` folder and renames it at the end: the log
+    # and a failed build's report must name where the data goes, not that folder.
+    self._final_data_dir = self.data_dir
+    return super().download_and_prepare(*args, **kwargs)
 
   def _download_and_prepare(self, dl_manager, download_config=None):
     self._report = Report()
-    with tempfile.TemporaryDirectory() as scratch, bounded_memory():
-      self._scratch = scratch
-      super()._download_and_prepare(dl_manager, download_config)
-    path = self._report.write(self.data_dir)
+    final = os.fspath(self._final_data_dir).rstrip("/")
+    failed_path = f"{final}.failed_{REPORT_NAME}"
     name = self.name + (f"/{self.builder_config.name}" if len(self.BUILDER_CONFIGS) > 1 else "")
-    logging.info("%s: %s (details in %s)", name, self._report.summary(), path)
+    try:
+      with tempfile.TemporaryDirectory() as scratch, bounded_memory():
+        self._scratch = scratch
+        super()._download_and_prepare(dl_manager, download_config)
+    except AssertionError as e:  # TFDS's writer: 'split "val": No examples were yielded.'
+      empty = re.search(r'split "([^"]+)": No examples were yielded', str(e))
+      if not empty:
+        raise
+      os.makedirs(os.path.dirname(failed_path), exist_ok=True)
+      self._report.write(failed_path)
+      raise InputError(f"{name}: no {empty.group(1)} example kept ({self._report.summary()}); "
+                       f"details in {failed_path}") from None
+    self._report.write(os.path.join(self.data_dir, REPORT_NAME))
+    if os.path.exists(failed_path):
+      os.remove(failed_path)
+    logging.info("%s: %s (details in %s)", name, self._report.summary(),
+                 os.path.join(final, REPORT_NAME))
 
 
 def checked_image(data: bytes) -> bytes:
@@ -158,14 +181,12 @@ class Report:
     skipped = ", ".join(f"{len(v)} {k}" for k, v in sorted(self.skipped.items()))
     return f"kept {kept or 'nothing'}; skipped {skipped or 'nothing'}"
 
-  def write(self, directory: str) -> str:
-    path = os.path.join(directory, REPORT_NAME)
+  def write(self, path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
       json.dump({"examples": dict(self.examples),
                  "skipped": {k: {"count": len(v), "items": v}
                              for k, v in sorted(self.skipped.items())}},
                 f, indent=1, ensure_ascii=False)
-    return path
 
 
 def load_json(path: str) -> Any:

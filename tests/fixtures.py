@@ -87,9 +87,10 @@ INAT_CATEGORIES = [
 ]
 
 
-def write_inat(root: str, archive: bool = False) -> dict:
+def write_inat(root: str, archive: bool = False, member_prefix: str = "") -> dict:
   """iNaturalist-2021-format files: train_mini.json + val.json, images in folders (or a
-  .tar.gz per split), one image missing and one corrupt."""
+  .tar.gz per split, its member names starting with `member_prefix`), one image missing and
+  one corrupt."""
   expected = {}
   image_id = 0
   for split, per_class in (("train_mini", 3), ("val", 2)):
@@ -111,7 +112,7 @@ def write_inat(root: str, archive: bool = False) -> dict:
           f.write(data[:50])  # Corrupt.
     if archive:
       with tarfile.open(os.path.join(root, f"{split}.tar.gz"), "w:gz") as tar:
-        tar.add(os.path.join(staging, split), arcname=split)
+        tar.add(os.path.join(staging, split), arcname=member_prefix + split)
     doc = dict(info={"year": 2021}, images=images, annotations=annotations,
                categories=INAT_CATEGORIES, licenses=[])
     with open(os.path.join(root, f"{split}.json"), "w", encoding="utf-8") as f:

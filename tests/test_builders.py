@@ -2,7 +2,9 @@
 feature; skips are counted and listed; malformed inputs name their file and line."""
 
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -284,6 +286,38 @@ def test_inat_malformed_json_names_file_and_line(tmp_path):
   with pytest.raises(builder_utils.InputError, match=rf"val.json:{broken + 1}:\d+: malformed "
                                                      "JSON"):
     prepare.prepare("inaturalist2021_text", str(tmp_path / "raw"), str(tmp_path / "tfds"))
+
+
+def test_inat_archive_members_starting_with_dot_slash_match(tmp_path):
+  fixtures.write_inat(str(tmp_path / "raw"), archive=True, member_prefix="./")
+  _, report = prepare.prepare("inaturalist2021_text", str(tmp_path / "raw"),
+                              str(tmp_path / "tfds"))
+  assert report["examples"] == {"train_mini": 11, "val": 7}
+
+
+def test_a_split_that_keeps_nothing_stops_in_one_line_naming_its_written_report(tmp_path):
+  expected = fixtures.write_inat(str(tmp_path / "raw"))
+  shutil.rmtree(tmp_path / "raw" / "val")  # val.json lists images that are not there.
+  with pytest.raises(builder_utils.InputError, match="no val example kept") as failure:
+    prepare.prepare("inaturalist2021_text", str(tmp_path / "raw"), str(tmp_path / "tfds"))
+  message = str(failure.value)
+  assert "\n" not in message and "incomplete" not in message
+  report = builder_utils.load_json(message.rsplit("details in ", 1)[1])
+  assert report["skipped"]["missing file"]["count"] == len(expected["val"]["members"])
+  fixtures.write_inat(str(tmp_path / "raw"))  # Fixed: the build succeeds, the report goes.
+  builder, report = prepare.prepare("inaturalist2021_text", str(tmp_path / "raw"),
+                                    str(tmp_path / "tfds"))
+  assert report["examples"] == {"train_mini": 11, "val": 7}
+  assert os.listdir(os.path.dirname(builder.data_dir)) == [os.path.basename(builder.data_dir)]
+
+
+def test_the_log_names_the_report_where_the_data_ends_up(tmp_path, caplog):
+  fixtures.write_image_folder(str(tmp_path / "cows"), {"Jersey": 2, "Holstein": 2, "Gir": 2})
+  with caplog.at_level(logging.INFO):
+    builder, _ = prepare.prepare("agri_downstream/cow_breed", str(tmp_path / "cows"),
+                                 str(tmp_path / "tfds"))
+  path = os.path.join(builder.data_dir, builder_utils.REPORT_NAME)
+  assert f"(details in {path})" in caplog.text and os.path.exists(path)
 
 
 # Downstream tasks -------------------------------------------------------------------------

@@ -16,6 +16,7 @@ images there are; images that are missing or do not decode are skipped, counted 
 
 import dataclasses
 import os
+import posixpath
 import sqlite3
 import tarfile
 
@@ -201,13 +202,14 @@ class _SplitIndex:
       for member in tar:
         if not member.isfile():
           continue
-        row = self.db.execute(self._lookup(), (member.name,)).fetchone()
+        name = posixpath.normpath(member.name)  # `tar -C dir .` writes "./train/...".
+        row = self.db.execute(self._lookup(), (name,)).fetchone()
         if row is None:
-          yield member.name, None, None, None
+          yield name, None, None, None
           continue
         self.db.execute("UPDATE images SET seen = 1 WHERE id = ?", (row[0],))
         data = tar.extractfile(member).read()
-        yield member.name, row[0], row[1], lambda data=data: data
+        yield name, row[0], row[1], lambda data=data: data
 
   def unseen(self):
     """Images the JSON lists that `from_archive` never met."""
