@@ -135,8 +135,14 @@ def read_image(path: str) -> bytes:
     return checked_image(f.read())
 
 
+def is_hidden(name: str) -> bool:
+  """Never data: hidden entries (`.ipynb_checkpoints`, `.DS_Store`, the `._x.jpg` resource
+  forks macOS writes into zips) and the `__MACOSX` folder of a macOS zip."""
+  return name.startswith(".") or name == "__MACOSX"
+
+
 def is_image(name: str) -> bool:
-  return name.lower().endswith(IMAGE_SUFFIXES)
+  return name.lower().endswith(IMAGE_SUFFIXES) and not is_hidden(name)
 
 
 def walk_images(root: str) -> Iterator[str]:
@@ -147,7 +153,7 @@ def walk_images(root: str) -> Iterator[str]:
     entries = sorted(os.scandir(os.path.join(root, relative)), key=lambda e: e.name,
                      reverse=True)
     for entry in entries:
-      if entry.name.startswith("."):
+      if is_hidden(entry.name):
         continue
       path = os.path.join(relative, entry.name)
       if entry.is_dir():

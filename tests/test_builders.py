@@ -125,6 +125,15 @@ def test_alive_skips_are_counted_and_listed(alive):
     assert json.load(f) == report
 
 
+def test_alive_ignores_macos_resource_forks_of_tables_and_images(tmp_path):
+  raw = fixtures.write_alive(str(tmp_path / "raw"))
+  for fork in ("._captions.csv", os.path.join("Cow Breed", "Jersey", "._j2.jpg")):
+    (tmp_path / "raw" / fork).write_bytes(b"\x00\x05\x16\x07resource fork")
+  _, report = prepare.prepare("alive", str(tmp_path / "raw"), str(tmp_path / "tfds"))
+  assert [i["item"] for i in report["skipped"]["unreadable image"]["items"]] == [raw["corrupt"]]
+  assert sum(report["examples"].values()) == len(raw["paths"])
+
+
 def test_alive_malformed_or_mismatched_table_is_one_line(tmp_path):
   raw = tmp_path / "raw"
   fixtures.write_alive(str(raw))
@@ -366,6 +375,44 @@ def test_downstream_wrong_classes_are_one_line(tmp_path):
   with pytest.raises(builder_utils.InputError, match=r"folders \['copper'\] are not among"):
     prepare.prepare("agri_downstream/banana_deficiency", str(tmp_path / "banana"),
                     str(tmp_path / "t"))
+
+
+def _write_mac_debris(folder) -> None:
+  """What a macOS zip and a notebook leave in a folder: a resource fork and a hidden folder."""
+  (folder / "._0.jpg").write_bytes(b"\x00\x05\x16\x07resource fork")
+  fixtures.write_image(str(folder / ".ipynb_checkpoints" / "0-checkpoint.jpg"), seed=7)
+
+
+def test_downstream_ignores_hidden_entries_and_macos_zip_debris(tmp_path):
+  raw = tmp_path / "cows"
+  fixtures.write_image_folder(str(raw), {"Jersey": 2, "Holstein": 2, "Gir": 2},
+                              splits=["train", "test"])
+  _write_mac_debris(raw)
+  _write_mac_debris(raw / "train" / "Jersey")
+  (raw / "__MACOSX" / "train" / "Jersey").mkdir(parents=True)  # Beside train/ and test/.
+  (raw / "__MACOSX" / "train" / "Jersey" / "._0.jpg").write_bytes(b"\x00\x05\x16\x07")
+  builder, report = prepare.prepare("agri_downstream/cow_breed", str(raw), str(tmp_path / "t"))
+  assert builder.info.features["label"].names == ["Gir", "Holstein", "Jersey"]
+  assert report == {"examples": {"train": 6, "test": 6}, "skipped": {}}
+  fixtures.write_image_folder(str(tmp_path / "flat"), {"Jersey": 3, "Holstein": 3, "Gir": 3})
+  _write_mac_debris(tmp_path / "flat")  # Without split folders, .ipynb_checkpoints is no class.
+  builder, report = prepare.prepare("agri_downstream/cow_breed", str(tmp_path / "flat"),
+                                    str(tmp_path / "t2"))
+  assert builder.info.features["label"].names == ["Gir", "Holstein", "Jersey"]
+  assert sum(report["examples"].values()) == 9 and report["skipped"] == {}
+
+
+def test_downstream_ambiguous_layout_and_empty_class_folder_are_one_line(tmp_path):
+  raw = tmp_path / "animals"
+  fixtures.write_image_folder(str(raw), {"cow": 2, "goat": 2}, splits=["train", "test"])
+  (raw / "extra" / "cow").mkdir(parents=True)
+  with pytest.raises(builder_utils.InputError, match=r"ambiguous layout: split folders "
+                                                     r"\['test', 'train'\] beside \['extra'\]"):
+    prepare.prepare("agri_downstream/animal_2", str(raw), str(tmp_path / "t"))
+  fixtures.write_image_folder(str(tmp_path / "flat"), {"cow": 2, "goat": 2})
+  (tmp_path / "flat" / "sheep").mkdir()
+  with pytest.raises(builder_utils.InputError, match=r"class folders \['sheep'\] hold no image"):
+    prepare.prepare("agri_downstream/animal_2", str(tmp_path / "flat"), str(tmp_path / "t"))
 
 
 def test_registry_names_every_known_task():

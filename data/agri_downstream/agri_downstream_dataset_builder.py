@@ -3,9 +3,11 @@
 `--manual_dir` is one task's image folder: `<class>/<image>`, or `<split>/<class>/<image>`
 with split folders named train / test / val(idation). Without split folders a stable
 `test_fraction` of the images (by path hash) becomes `test`. An optional `classnames.json`
-maps folder names to class names. The task's prompt templates (registry.py) are stored in the
-dataset's metadata, where the zero-shot evaluator finds them. Unreadable images are skipped,
-counted and listed in `build_report.json`.
+maps folder names to class names. Hidden entries (`.ipynb_checkpoints`, `._x.jpg`) and
+macOS's `__MACOSX` are ignored; split folders beside other folders, and a class folder
+without images, stop the build in one line. The task's prompt templates (registry.py) are
+stored in the dataset's metadata, where the zero-shot evaluator finds them. Unreadable images
+are skipped, counted and listed in `build_report.json`.
 
   python -m agriclip_jax.input.prepare agri_downstream/banana_deficiency --manual_dir=DIR
 """
@@ -68,14 +70,15 @@ class Builder(builder_utils.ReportedBuild, tfds.core.GeneratorBasedBuilder):
     if not os.path.isdir(root):
       raise builder_utils.InputError(f"manual directory {root} does not exist")
     folders = sorted(d for d in os.listdir(root)
-                     if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-    if folders and all(f.lower() in SPLIT_FOLDERS for f in folders):
-      layout = {SPLIT_FOLDERS[f.lower()]: f for f in folders}
-    else:
-      layout = None  # Class folders at the top: split by hash.
-    class_dirs = sorted({c for split_dir in (layout or {"": ""}).values()
-                         for c in os.listdir(os.path.join(root, split_dir))
-                         if os.path.isdir(os.path.join(root, split_dir, c))})
+                     if os.path.isdir(os.path.join(root, d)) and not builder_utils.is_hidden(d))
+    split_folders = [f for f in folders if f.lower() in SPLIT_FOLDERS]
+    layout = {SPLIT_FOLDERS[f.lower()]: f for f in split_folders} or None  # None: hash split.
+    if split_folders and (len(split_folders) < len(folders) or len(layout) < len(split_folders)):
+      raise builder_utils.InputError(
+          f"{root}: ambiguous layout: split folders {split_folders} beside "
+          f"{sorted(set(folders) - set(split_folders)) or 'each other'}; keep one folder per "
+          "split (train, test, val), or only class folders")
+    class_dirs = _class_folders(root, layout)
     mapping_path = os.path.join(root, "classnames.json")
     mapping = builder_utils.load_json(mapping_path) if os.path.exists(mapping_path) else {}
     if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
@@ -134,3 +137,21 @@ class Builder(builder_utils.ReportedBuild, tfds.core.GeneratorBasedBuilder):
         label = label_of[class_dir]
         yield path, {"image": image, "image_path": path, "label": label,
                      "class_name": label_names[label]}
+
+
+def _class_folders(root: str, layout: dict[str, str] | None) -> list[str]:
+  """The class folders of every split. One that holds no image in any split is refused: it
+  would silently become a class without examples (a distractor in zero-shot, a dead output
+  in the probes), and is more often a failed copy than a real empty class."""
+  has_image = {}
+  for split_dir in (layout or {"": ""}).values():
+    for name in os.listdir(os.path.join(root, split_dir)):
+      path = os.path.join(root, split_dir, name)
+      if os.path.isdir(path) and not builder_utils.is_hidden(name):
+        found = next(builder_utils.walk_images(path), None) is not None
+        has_image[name] = has_image.get(name, False) or found
+  empty = sorted(name for name, found in has_image.items() if not found)
+  if empty:
+    raise builder_utils.InputError(f"{root}: class folders {empty} hold no image; add their "
+                                   "images or remove the folders")
+  return sorted(has_image)

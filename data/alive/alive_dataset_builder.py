@@ -239,7 +239,7 @@ class _Index:
         raise builder_utils.InputError(f"captions file {path} does not exist")
       return path
     tables = sorted(f for f in os.listdir(self.manual_dir)
-                    if f.lower().endswith((".csv", ".tsv")))
+                    if f.lower().endswith((".csv", ".tsv")) and not builder_utils.is_hidden(f))
     if len(tables) > 1:
       raise builder_utils.InputError(f"{self.manual_dir} holds several tables {tables}; set "
                                      "the builder option captions_file")
