@@ -297,6 +297,36 @@ def test_inat_malformed_json_names_file_and_line(tmp_path):
     prepare.prepare("inaturalist2021_text", str(tmp_path / "raw"), str(tmp_path / "tfds"))
 
 
+def test_inat_malformed_records_are_skipped_one_line_each(tmp_path, caplog):
+  raw = tmp_path / "raw"
+  fixtures.write_inat(str(raw))
+  val, train = json.loads((raw / "val.json").read_text()), json.loads(
+      (raw / "train_mini.json").read_text())
+  del val["annotations"][2]["image_id"]
+  val["images"][5]["id"] = None
+  val["annotations"][3]["category_id"] = 99
+  train["images"][0] = "junk"
+  (raw / "val.json").write_text(json.dumps(val))
+  (raw / "train_mini.json").write_text(json.dumps(train))
+  with caplog.at_level(logging.WARNING):
+    _, report = prepare.prepare("inaturalist2021_text", str(raw), str(tmp_path / "tfds"))
+  malformed = [(i["item"], i["detail"]) for i in report["skipped"]["malformed record"]["items"]]
+  assert malformed == [
+      (f"{raw}/train_mini.json images[0]", "not an object but str"),
+      (f"{raw}/val.json images[5] (id None)", "'id' is None, not an integer"),
+      (f"{raw}/val.json annotations[2] (id {val['annotations'][2]['id']})", "no 'image_id'")]
+  for item, detail in malformed:
+    assert f"{item}: {detail}; skipped" in caplog.text
+  unknown = report["skipped"]["unknown category"]["items"]
+  assert [i["item"] for i in unknown] == [val["images"][3]["file_name"]]
+  assert report["examples"] == {"train_mini": 10, "val": 4}
+  del val["categories"][1]["id"]
+  (raw / "val.json").write_text(json.dumps(val))
+  with pytest.raises(builder_utils.InputError, match=r"val.json categories\[1\]: category None "
+                                                     r"lacks fields \['id'\]"):
+    prepare.prepare("inaturalist2021_text", str(raw), str(tmp_path / "tfds2"))
+
+
 def test_inat_archive_members_starting_with_dot_slash_match(tmp_path):
   fixtures.write_inat(str(tmp_path / "raw"), archive=True, member_prefix="./")
   _, report = prepare.prepare("inaturalist2021_text", str(tmp_path / "raw"),

@@ -10,10 +10,11 @@ scientific ("a photo of Danaus plexippus."), common, taxonomic (kingdom ... epit
 scientific + common, taxonomic + common ("... with common name monarch butterfly.") and the
 LiT-species form "<common name> <supercategory> <genus>". A missing common name falls back to
 the scientific name. The annotation files are streamed, so memory stays flat however many
-images there are; images that are missing or do not decode are skipped, counted and listed in
-`build_report.json`.
+images there are; images that are missing or do not decode, and malformed image or annotation
+records, are skipped, counted and listed in `build_report.json`.
 """
 
+import collections
 import dataclasses
 import os
 import posixpath
@@ -97,8 +98,8 @@ class Builder(builder_utils.ReportedBuild, tfds.core.GeneratorBasedBuilder):
     present = [s for s in SPLITS if os.path.exists(os.path.join(manual_dir, f"{s}.json"))]
     if not present:
       raise builder_utils.InputError(f"{manual_dir} has none of {[s + '.json' for s in SPLITS]}")
-    indexes = {s: _SplitIndex(os.path.join(manual_dir, f"{s}.json"), self._scratch)
-               for s in present}
+    indexes = {s: _SplitIndex(os.path.join(manual_dir, f"{s}.json"), self._scratch,
+                              self._report, s) for s in present}
     categories = indexes[present[0]].categories
     for split, index in indexes.items():
       if [c["id"] for c in index.categories] != [c["id"] for c in categories]:
@@ -127,6 +128,10 @@ class Builder(builder_utils.ReportedBuild, tfds.core.GeneratorBasedBuilder):
       if category_id is None:
         self._report.skip(split, "no annotation", file_name)
         continue
+      if category_id not in by_id:
+        self._report.skip(split, "unknown category", file_name,
+                          f"{split}.json: category_id {category_id} is not among its categories")
+        continue
       try:
         image = builder_utils.checked_image(load())
       except FileNotFoundError:
@@ -147,10 +152,40 @@ class Builder(builder_utils.ReportedBuild, tfds.core.GeneratorBasedBuilder):
         self._report.skip(split, "missing file", file_name, f"not in {split}.tar.gz")
 
 
-class _SplitIndex:
-  """One annotation file streamed into SQLite: images, their categories, the categories."""
+# The fields read from each record of an annotation file's arrays, and their types.
+RECORD_FIELDS = {"images": (("id", int), ("file_name", str)),
+                 "annotations": (("image_id", int), ("category_id", int))}
+LOGGED_BAD_RECORDS = 20  # Then only counted in the log; all are listed in build_report.json.
 
-  def __init__(self, json_path: str, scratch: str):
+
+def record_fields(item, fields) -> tuple:
+  """The values of `fields` ((name, type), ...) of one record; ValueError says what is wrong."""
+  if not isinstance(item, dict):
+    raise ValueError(f"not an object but {type(item).__name__}")
+  values = []
+  for field, kind in fields:
+    if field not in item:
+      raise ValueError(f"no {field!r}")
+    value = item[field]
+    if kind is str:
+      ok = isinstance(value, str) and value
+    else:  # An integer, or its digits as a string.
+      ok = (isinstance(value, int) and not isinstance(value, bool) or
+            isinstance(value, str) and value.strip().lstrip("-").isdigit())
+    if not ok:
+      raise ValueError(f"{field!r} is {value!r}, not {'a path' if kind is str else 'an integer'}")
+    values.append(kind(value))
+  return tuple(values)
+
+
+class _SplitIndex:
+  """One annotation file streamed into SQLite: images, their categories, the categories.
+
+  A malformed image or annotation record (a field missing or of the wrong type) is skipped,
+  listed in the build report by file and position (`val.json annotations[3]`) and logged.
+  """
+
+  def __init__(self, json_path: str, scratch: str, report: builder_utils.Report, split: str):
     name = os.path.splitext(os.path.basename(json_path))[0]
     self.db = sqlite3.connect(os.path.join(scratch, f"{name}.sqlite"), check_same_thread=False)
     self.db.execute("CREATE TABLE images (id INTEGER PRIMARY KEY, file_name TEXT UNIQUE, "
@@ -158,11 +193,21 @@ class _SplitIndex:
     self.db.execute("CREATE TABLE annotations (image_id INTEGER PRIMARY KEY, category_id INTEGER)")
     self.categories, images, annotations = [], [], []
     logging.info("Indexing %s ...", json_path)
+    position, bad = collections.Counter(), 0
     for key, item in builder_utils.stream_json_object(json_path):
-      if key == "images":
-        images.append((int(item["id"]), item["file_name"]))
-      elif key == "annotations":
-        annotations.append((int(item["image_id"]), int(item["category_id"])))
+      position[key] += 1
+      if key in RECORD_FIELDS:
+        try:
+          (images if key == "images" else annotations).append(
+              record_fields(item, RECORD_FIELDS[key]))
+        except ValueError as e:
+          record = f"{json_path} {key}[{position[key] - 1}]"
+          if isinstance(item, dict) and "id" in item:
+            record += f" (id {item['id']!r})"
+          report.skip(split, "malformed record", record, str(e))
+          bad += 1
+          if bad <= LOGGED_BAD_RECORDS:
+            logging.warning("%s: %s; skipped", record, e)
       elif key == "categories":
         self.categories.append(item)
       if len(images) >= 50_000:
@@ -174,15 +219,20 @@ class _SplitIndex:
     self.db.executemany("INSERT INTO images (id, file_name) VALUES (?, ?)", images)
     self.db.executemany("INSERT OR REPLACE INTO annotations VALUES (?, ?)", annotations)
     self.db.commit()
-    self.categories.sort(key=lambda c: c["id"])
+    if bad > LOGGED_BAD_RECORDS:
+      logging.warning("%s: %d malformed records skipped in all (each is listed in the build "
+                      "report)", json_path, bad)
     if not self.categories:
       raise builder_utils.InputError(f"{json_path}: no categories")
-    for category in self.categories:
+    for i, category in enumerate(self.categories):  # The labels: a bad one stops the build.
+      if not isinstance(category, dict):
+        raise builder_utils.InputError(f"{json_path} categories[{i}]: not an object")
       missing = [f for f in TAXONOMY_FIELDS + ("id",) if f not in category
                  and f != "common_name"]
       if missing:
-        raise builder_utils.InputError(f"{json_path}: category {category.get('id')} lacks "
-                                       f"fields {missing}")
+        raise builder_utils.InputError(f"{json_path} categories[{i}]: category "
+                                       f"{category.get('id')} lacks fields {missing}")
+    self.categories.sort(key=lambda c: c["id"])
 
   def _lookup(self):
     return ("SELECT images.id, annotations.category_id FROM images LEFT JOIN annotations "
