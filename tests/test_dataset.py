@@ -105,3 +105,28 @@ def test_manual_dataset_not_prepared_says_how_to_prepare(tmp_path, monkeypatch):
                                                   r"data/manual_only --manual_dir="):
     datasets.builder("manual_only", str(tmp_path / "tfds"))
   assert not (tmp_path / "tfds" / "manual_only").exists()
+
+
+def test_class_ids_from_names_and_id_ranges():
+  names = ["wheat", "rice", "maize", "cow"]
+  assert datasets.class_ids("0-2,3", names, "x") == [0, 1, 2, 3]
+  assert datasets.class_ids("maize, cow", names, "x") == [2, 3]
+  with pytest.raises(datasets.DatasetError, match=r"x: unknown classes \['oat'\]"):
+    datasets.class_ids("oat,cow", names, "x")
+  with pytest.raises(datasets.DatasetError, match=r"ids \[4\] are out of range"):
+    datasets.class_ids("2-4", names, "x")
+
+
+def test_training_on_a_class_subset_reads_only_its_examples(small, tmp_path):
+  from agriclip_jax.trainers import common  # pylint: disable=g-import-not-at-top
+  import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config.get_config("kind=clip")
+  config.input.data_dir = small.data_dir
+  config.input.classes = "0-4,7"
+  setup = common.Setup.create(config, str(tmp_path))
+  source = setup.sources[0][1]
+  full = datasets.data_source(small, "train")
+  labels = [int(full[i]["label"]) for i in range(len(full))]
+  assert len(source) == sum(l in (0, 1, 2, 3, 4, 7) for l in labels) > 0
+  chosen = {0, 1, 2, 3, 4, 7} & set(labels)  # Held-out classes have no training examples.
+  assert {int(source[i]["label"]) for i in range(len(source))} == chosen and len(chosen) > 2

@@ -11,9 +11,11 @@ from agriclip_jax import config_lib
 from agriclip_jax import export
 from agriclip_jax import runs
 from agriclip_jax import sharding
+from agriclip_jax.input import datasets
 from agriclip_jax.models.exporters import common
 from agriclip_jax.models.exporters import native
 from conftest import launch
+from data.agri_synthetic import spec as spec_lib
 
 
 def _run(params, name):
@@ -50,20 +52,29 @@ def test_wise_sweep_over_the_suite_and_export_of_a_mix(data_dir, tmp_path, capsy
   result = launch(tuned, "tests/tiny_config.py:kind=clip,steps=4", f"--config.init.workdir={base}",
                   "--config.seed=7", data_dir=data_dir)
   assert result.returncode == 0, result.stderr[-3000:]
+  # Both jobs evaluate two of the held-out classes only (a class subset of the split).
+  held_out = [i for i, c in enumerate(spec_lib.classes()) if c.held_out][:2]
+  subset = (f"--config.datasets.heldout.classes={held_out[0]},{held_out[1]}",
+            "--config.datasets.heldout.drop_other_classes=True")
   plain = tmp_path / "plain"
   result = launch(plain, "tests/tiny_config.py:kind=eval_heldout",
                   f"--config.checkpoints={base},{tuned}", "--config.names=base,tuned",
-                  data_dir=data_dir)
+                  *subset, data_dir=data_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   sweep = tmp_path / "sweep"
   result = launch(sweep, "tests/tiny_config.py:kind=eval_heldout",
                   f"--config.checkpoints={tuned}", "--config.names=tuned",
                   f"--config.wise.base={base}", "--config.wise.alphas=0,0.5,1",
-                  data_dir=data_dir)
+                  *subset, data_dir=data_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   plain_results = json.loads((plain / "results.json").read_text())
   sweep_results = json.loads((sweep / "results.json").read_text())
   metric = "zeroshot/top1"
+  heldout = datasets.data_source(datasets.builder("agri_synthetic/small", data_dir), "heldout")
+  count = sum(int(heldout[i]["label"]) in held_out for i in range(len(heldout)))
+  assert 0 < count < len(heldout)
+  assert plain_results["base"]["heldout"]["zeroshot/num_examples"] == count
+  assert plain_results["base"]["heldout"]["zeroshot/num_classes"] == 2
   # alpha 0 is the base run, alpha 1 the fine-tuned one.
   assert sweep_results["tuned@0"]["heldout"][metric] == pytest.approx(
       plain_results["base"]["heldout"][metric], abs=1e-6)

@@ -67,8 +67,12 @@ class Evaluator:
 
   def _select_classes(self, classes, all_names: list[str]) -> list[str]:
     if isinstance(classes, str) and classes not in ("all", "present"):
-      raise config_lib.ConfigError(f"evals.{self.name}.classes must be 'all', 'present' or a "
-                                   f"list of class names; got {classes!r}")
+      try:  # "name,name" or label ids "0-19,25".
+        return [all_names[i] for i in datasets.class_ids(classes, all_names,
+                                                          f"evals.{self.name}.classes")]
+      except datasets.DatasetError as e:
+        raise config_lib.ConfigError(f"{e}; classes is 'all', 'present', a list of names or "
+                                     "a comma-separated string of names or label ids") from None
     if classes == "all":
       return all_names
     if classes == "present":

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import importlib
 import os
+import re
 import time
 
 from absl import logging
@@ -93,3 +94,49 @@ def data_source(b, split: str):
   return b.as_data_source(split=split, decoders={
       k: tfds.decode.SkipDecoding() for k in image_features})
 
+
+
+def class_ids(spec: str, names: list[str], where: str) -> list[int]:
+  """Label ids from "name,name,..." or "0-19,25" (ids, ranges inclusive), in that order."""
+  items = [s.strip() for s in str(spec).split(",") if s.strip()]
+  if not items:
+    raise DatasetError(f"{where}: names no class")
+  if all(re.fullmatch(r"\d+(-\d+)?", s) for s in items):
+    ids = []
+    for item in items:
+      first, _, last = item.partition("-")
+      ids += range(int(first), int(last or first) + 1)
+    bad = [i for i in ids if i >= len(names)]
+    if bad:
+      raise DatasetError(f"{where}: label ids {bad[:5]} are out of range (the dataset has "
+                         f"{len(names)} classes)")
+    return ids
+  unknown = [n for n in items if n not in names]
+  if unknown:
+    raise DatasetError(f"{where}: unknown classes {unknown[:5]} (e.g. {names[:3]}, or label "
+                       "ids such as 0-19)")
+  return [names.index(n) for n in items]
+
+
+class Subset:
+  """The examples of a random-access source at `indices`, as a random-access source."""
+
+  def __init__(self, source, indices):
+    self._source, self.indices = source, list(indices)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int):
+    return self._source[self.indices[index]]
+
+
+def of_classes(source, label_key: str, ids, where: str) -> Subset:
+  """The examples of `source` whose `label_key` is one of `ids` (every label is read once)."""
+  wanted = set(int(i) for i in ids)
+  indices = [i for i in range(len(source)) if int(source[i][label_key]) in wanted]
+  if not indices:
+    raise DatasetError(f"{where}: no example has one of the {len(wanted)} classes")
+  logging.info("%s: %d of %d examples are of the %d chosen classes", where, len(indices),
+               len(source), len(wanted))
+  return Subset(source, indices)

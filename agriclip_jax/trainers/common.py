@@ -27,7 +27,7 @@ from agriclip_jax.trainers import state as state_lib
 
 # Per-dataset fields of config.input; each entry of config.input.mixture may set them.
 COMPONENT_FIELDS = ("dataset", "split", "weight", "image_key", "text_key", "text_choice",
-                    "label_key")
+                    "label_key", "classes")
 # Fields a required run inherits from the run that needs it (same data, same devices).
 INHERITED_BY_REQUIRED_RUNS = (("input", "data_dir"), ("mesh",), ("input", "num_threads"))
 
@@ -56,6 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
       text_key="captions",  # A feature, or a nested one: "texts/lit_species".
       text_choice="step",  # From a list/dict of texts: one per step, or one per "example".
       label_key="label",
+      # "" = every example; else only these classes' ("name,name" or label ids "0-19,25").
+      classes="",
       # [dict(dataset=..., weight=..., ...)]: train on several datasets, sampled by weight;
       # each entry may set the fields of COMPONENT_FIELDS, the rest come from above.
       mixture=[],
@@ -307,7 +309,15 @@ class Setup:
       builder = datasets.builder(component["dataset"], config.input.data_dir or None)
       for key in feature_keys:
         check_feature(builder, component[key], f"input.{key}")
-      sources.append((builder, datasets.data_source(builder, component["split"]), component))
+      source = datasets.data_source(builder, component["split"])
+      if component["classes"]:
+        where = f"input.classes of {builder.info.full_name}"
+        check_feature(builder, component["label_key"], "input.label_key")
+        names = builder.info.features[component["label_key"]].names
+        source = datasets.of_classes(
+            source, component["label_key"],
+            datasets.class_ids(component["classes"], names, where), where)
+      sources.append((builder, source, component))
     save_config(config, workdir)
     writer = metrics_lib.Writer(workdir)
     writer.hparams(flax.traverse_util.flatten_dict(config.to_dict(), sep="."))

@@ -45,7 +45,8 @@ DATASET_FIELDS = dict(
     split="test",
     train_split="",  # For the linear probe and k-NN ("" = skip them).
     val_split="",  # Chooses the probe's L2; "" = every 5th example of train_split.
-    classes="all",  # all | present | [names]
+    classes="all",  # all | present | [names] | "name,name" or label ids "0-19,25"
+    drop_other_classes=False,  # Evaluate only the examples of `classes` (a subset's split).
     templates="",  # A list, a template set's name, or "" (the dataset's own).
     class_texts="",  # Prompt with the dataset metadata's class_texts[kind] instead of names.
     text_key="",  # Captions for retrieval ("" = no retrieval).
@@ -101,9 +102,10 @@ class DatasetEval:
     return bool(metadata.get("taxonomy_ranks") and metadata.get("class_taxonomy"))
 
   def embed(self, split: str, max_examples: int, with_texts: bool = False) -> dict:
+    subset = self._subset_ids()
     key = config_lib.fingerprint(self.builder.info.full_name, split, max_examples,
                                  self.entry.image_key, self.entry.label_key,
-                                 self.entry.text_key if with_texts else "")
+                                 self.entry.text_key if with_texts else "", subset)
     path = os.path.join(self.cache, f"{self.name}_{split}_{key}.npz")
     if path in self._memo:
       return self._memo[path]
@@ -112,6 +114,9 @@ class DatasetEval:
         self._memo[path] = dict(saved)
         return self._memo[path]
     source = datasets.data_source(self.builder, split)
+    if subset is not None:
+      source = datasets.of_classes(source, self.entry.label_key, subset,
+                                   f"datasets.{self.name} ({split})")
     transform = pipeline.EvalTransform(self.run.image_size, self.entry.image_key,
                                        self.entry.label_key)
     out = embeddings.embed_split(self.context, self.run.params, source, transform,
@@ -124,6 +129,20 @@ class DatasetEval:
       os.replace(path + ".tmp.npz", path)
     self._memo[path] = out
     return out
+
+  def _subset_ids(self) -> list[int] | None:
+    """The label ids of `classes` when the entry drops other classes' examples, else None."""
+    if not self.entry.drop_other_classes:
+      return None
+    classes, where = self.entry.classes, f"datasets.{self.name}.classes"
+    if isinstance(classes, str) and classes in ("all", "present"):
+      raise config_lib.ConfigError(f"datasets.{self.name}: drop_other_classes needs `classes` "
+                                   f"to name the classes, not {classes!r}")
+    names = self.builder.info.features[self.entry.label_key].names
+    if isinstance(classes, str):
+      return datasets.class_ids(classes, names, where)
+    return [datasets.class_ids(str(names.index(c)) if c in names else c, names, where)[0]
+            for c in classes]
 
   def _embed_texts(self, source, n: int) -> dict:
     texts, image_of_text = [], []
