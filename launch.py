@@ -18,6 +18,11 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from agriclip_jax import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# List fields (mesh, sharding_rules) are overridable as Python literals, like any other field.
+config_flags.register_flag_parser_for_type(list, config_lib.ListParser())
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and its argument: configs/x.py[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
@@ -39,7 +44,6 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
-    from agriclip_jax import config_lib  # pylint: disable=g-import-not-at-top
     message = str(e).strip().splitlines()[-1]
     args = iter(argv[1:])
     config_spec, overrides = None, []

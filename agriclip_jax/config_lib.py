@@ -6,6 +6,7 @@ trainer publishes `default_config()`, which names every field it reads; `validat
 any other field, with its dotted name, before anything is built or compiled.
 """
 
+import ast
 import difflib
 import hashlib
 import json
@@ -13,6 +14,7 @@ import os
 import re
 from typing import Iterable
 
+from absl import flags
 import ml_collections
 
 
@@ -151,6 +153,32 @@ def load(config_spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg or None)
+
+
+def parse_list(text) -> list:
+  """A list field's command-line value, e.g. `[("data", -1), ("fsdp", 2)]`, read as a Python
+  literal (a tuple becomes a list, since ConfigDict keeps a field's type)."""
+  if isinstance(text, (list, tuple)):  # absl parses the field's default too.
+    return list(text)
+  try:
+    value = ast.literal_eval(text)
+  except (SyntaxError, ValueError):
+    value = None
+  if not isinstance(value, (list, tuple)):
+    raise ValueError("expected a Python list literal, quoted for the shell, e.g. "
+                     """'[("data", -1), ("fsdp", 2)]'""")
+  return list(value)
+
+
+class ListParser(flags.ArgumentParser):
+  """ml_collections' config flags refuse to override list fields (`mesh`, `sharding_rules`,
+  `requires`); launch.py registers this parser for them."""
+
+  def parse(self, argument):
+    return parse_list(argument)
+
+  def flag_type(self):
+    return "list literal"
 
 
 def check_field(config, dotted_name: str) -> None:

@@ -56,6 +56,14 @@ def test_unknown_trainer_and_override_field():
   config_lib.check_field(_demo(), "model.img.width")
 
 
+def test_list_fields_parse_as_literals():
+  assert config_lib.parse_list('[("data", -1), ("fsdp", 2)]') == [("data", -1), ("fsdp", 2)]
+  assert config_lib.parse_list('(("data", -1),)') == [("data", -1)]
+  for bad in ("[(data, 2)]", "data", "5", '[("data", -1)'):
+    with pytest.raises(ValueError, match="expected a Python list literal"):
+      config_lib.parse_list(bad)
+
+
 def test_every():
   assert [s for s in range(1, 11) if config_lib.every(s, 4, total=10)] == [4, 8, 10]
   assert [s for s in range(1, 11) if config_lib.every(s, 0, total=10)] == [10]

@@ -260,6 +260,7 @@ def test_mismatched_checkpoint_is_one_line(data_dir, tmp_path):
     (("--config.input.dataset=no_such_set",), "error: unknown dataset 'no_such_set'"),
     (("--config.evals.heldout.split=validation",), "has no split 'validation'"),
     (("--config.input.batch_size=0",), "config.input.batch_size must be at least 1"),
+    (("--config.mesh=[(data, 2)]",), "--config.mesh=[(data, 2)]: expected a Python list literal"),
     (("--config.optim.decay_regex=(",), "optim.decay_regex: invalid regular expression"),
     (("--config.input.text_key=caption",), "input.text_key='caption': agri_synthetic/small"),
     (("--config.input.image_size=36",), "image size 36x36 is not a multiple of the ViT patch"),
@@ -276,6 +277,18 @@ def test_bad_input_is_one_error_line(data_dir, tmp_path, args, message):
   errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
   assert "Traceback" not in result.stderr
+
+
+def test_mesh_and_sharding_rules_are_overridable_as_list_literals(data_dir, tmp_path):
+  mesh, rules = '[("data", -1), ("fsdp", 2)]', '[("img/.*", "fsdp"), (".*", "replicate")]'
+  result = launch(str(tmp_path), "tests/tiny_config.py:kind=clip,steps=2", "--config.mesh=" + mesh,
+                  "--config.sharding_rules=" + rules, data_dir=data_dir, devices=2)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Mesh {'data': 1, 'fsdp': 2} over 2 devices" in result.stderr
+  with open(os.path.join(tmp_path, "config.json")) as f:
+    stored = json.load(f)
+  assert stored["mesh"] == [["data", -1], ["fsdp", 2]]
+  assert stored["sharding_rules"] == [["img/.*", "fsdp"], [".*", "replicate"]]
 
 
 def test_frozen_tower_without_pretrained_weights_is_refused(data_dir, tmp_path):
