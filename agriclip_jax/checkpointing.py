@@ -5,15 +5,24 @@ RNG; saved asynchronously, each process writing its shards) and `data` (the grai
 state, one file per process), so a resumed run continues with exactly the batch an
 uninterrupted run would have seen next. The training iterator's state is its global stream
 position (see `input/pipeline.py`), so a run may resume on another number of processes.
+
+Once a save is complete, process 0 writes `verified.json` into its step directory last
+(atomically): each file's size and CRC32. A restore first checks the newest checkpoint
+against it, so a truncated, deleted or overwritten file is found before Orbax reads it (a
+deep traceback, or worse, garbage parameters loaded silently); a checkpoint that fails is
+renamed `<step>.damaged` and the one before it is tried.
 """
 
 import dataclasses
 import json
 import os
 from typing import Any
+import zlib
 
+from absl import logging
 import grain
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -54,10 +63,74 @@ class _DataRestore(ocp.args.CheckpointArgs):
   item: Any
 
 
+MANIFEST = "verified.json"
+
+
+def _crc32(path: str) -> int:
+  crc = 0
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 24):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def _files(step_dir: str) -> list[str]:
+  """Every file under `step_dir` but the manifest, as sorted paths relative to it."""
+  return sorted(os.path.relpath(os.path.join(root, name), step_dir)
+                for root, _, names in os.walk(step_dir) for name in names
+                if not (root == step_dir and name.startswith(MANIFEST)))
+
+
+def write_manifest(step_dir: str) -> None:
+  """`verified.json`: [size, crc32] of each file of a complete checkpoint, written last."""
+  files = {}
+  for name in _files(step_dir):
+    path = os.path.join(step_dir, name)
+    files[name] = [os.path.getsize(path), _crc32(path)]
+  tmp = os.path.join(step_dir, MANIFEST + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({"files": files}, f)
+  os.replace(tmp, os.path.join(step_dir, MANIFEST))
+
+
+def damage(step_dir: str) -> str | None:
+  """What its manifest says is wrong with the checkpoint in `step_dir`, or None.
+
+  None too for a checkpoint without a manifest (written by older code, or a run killed
+  between the save and its manifest): it is complete by Orbax's commit, only unchecked.
+  """
+  path = os.path.join(step_dir, MANIFEST)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      files = json.load(f)["files"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return f"{MANIFEST} is unreadable ({e})"
+  for name, (size, crc) in files.items():
+    file = os.path.join(step_dir, name)
+    if not os.path.isfile(file):
+      return f"{name} is missing"
+    if os.path.getsize(file) != size:
+      return f"{name} has {os.path.getsize(file)} bytes, {size} written"
+    if _crc32(file) != crc:
+      return f"{name} differs from what was written (CRC32)"
+  return None
+
+
+def _move_aside(step_dir: str) -> str:
+  aside, n = step_dir + ".damaged", 1
+  while os.path.exists(aside):  # Damaged again after a later run rewrote this step.
+    aside, n = f"{step_dir}.damaged.{n}", n + 1
+  os.rename(step_dir, aside)
+  return aside
+
+
 class Checkpoints:
 
   def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    self._unverified = []  # Steps saved (maybe still being written) without a manifest yet.
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -71,7 +144,34 @@ class Checkpoints:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = _DataSave(data_iterator)
+    self.wait()  # Orbax's save would wait for the previous one anyway.
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._unverified.append(step)
+
+  def restorable_step(self) -> int | None:
+    """The newest step whose checkpoint passes verification, after moving aside (renaming to
+    `<step>.damaged`) the newer ones that fail it, so no later run or loader picks them.
+
+    Process 0 decides and tells the others, so every process restores the same step.
+    """
+    step = self._newest_intact() if jax.process_index() == 0 else -1
+    if jax.process_count() > 1:
+      step = int(multihost_utils.broadcast_one_to_all(np.int32(step)))
+    self.manager.reload()
+    return None if step < 0 else step
+
+  def _newest_intact(self) -> int:
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      step_dir = os.path.join(self.directory, str(step))
+      problem = damage(step_dir)
+      if problem is None:
+        if not os.path.exists(os.path.join(step_dir, MANIFEST)):
+          logging.warning("Checkpoint %s has no %s (written by older code, or the run stopped "
+                          "before writing it): restoring it unverified", step_dir, MANIFEST)
+        return step
+      logging.error("Checkpoint %s is damaged (%s): moved aside to %s; trying the one before",
+                    step_dir, problem, _move_aside(step_dir))
+    return -1
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """The state at `step` laid out like `abstract_state`; also rewinds `data_iterator`."""
@@ -99,9 +199,16 @@ class Checkpoints:
       raise mismatch(f"checkpoint {self.directory}/{step} does not match the config", problems)
 
   def wait(self) -> None:
+    """Waits for the saves in flight, then writes their manifests (process 0)."""
     self.manager.wait_until_finished()
+    for step in self._unverified:
+      step_dir = os.path.join(self.directory, str(step))
+      if jax.process_index() == 0 and os.path.isdir(step_dir):  # Not deleted by max_to_keep.
+        write_manifest(step_dir)
+    self._unverified = []
 
   def close(self) -> None:
+    self.wait()
     self.manager.close()
 
 

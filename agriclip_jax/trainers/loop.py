@@ -1,6 +1,7 @@
 """The training loop shared by trainers: steps, logging, evaluation, checkpoints, stopping.
 
-- Resumes from the latest checkpoint in `workdir/checkpoints` (state + data iterator), else
+- Resumes from the latest checkpoint in `workdir/checkpoints` (state + data iterator) that
+  passes verification (newer ones that fail it are moved aside, see `checkpointing`), else
   initialises (then copies `config.init` parameters, if any). metrics.jsonl loses its records
   past the step it starts from: those steps are trained again.
 - Checks every step's loss and gradient norm for non-finite values, one step behind so the
@@ -117,7 +118,7 @@ class Loop:
   writer: metrics_lib.Writer
 
   def _restore_or_init(self, checkpoints: checkpointing.Checkpoints):
-    latest = checkpoints.latest_step()
+    latest = checkpoints.restorable_step()
     if latest is not None:
       logging.info("Resuming from %s/%d", checkpoints.directory, latest)
       return checkpoints.restore(latest, self.spec.abstract, self.train_iter)
