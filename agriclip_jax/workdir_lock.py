@@ -11,6 +11,10 @@ their processes would exclude each other on one file. So process i locks its own
 (`.lock` for process 0, `.lock.<i>` for the others): two runs still collide, since each has
 a process 0, and all processes agree (one allgather) so that a refused run stops everywhere,
 not only where its lock failed.
+
+Before locking, `create` makes the workdir and writes a probe file in it, so that a workdir
+path that is a file, or is unwritable or on a read-only mount, stops the run in one line
+naming the path and the cause, not in a traceback from the lock, Orbax or the metric writer.
 """
 
 import contextlib
@@ -19,6 +23,7 @@ import fcntl
 import json
 import os
 import socket
+import tempfile
 import time
 
 from absl import logging
@@ -28,6 +33,28 @@ import numpy as np
 
 class WorkdirInUseError(RuntimeError):
   """Another run holds the workdir's lock."""
+
+
+class WorkdirError(RuntimeError):
+  """The workdir cannot be created or written."""
+
+
+def create(workdir: str) -> None:
+  """Creates `workdir` and checks this process can write files in it, or raises WorkdirError."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_probe."):
+      pass
+  except OSError as e:
+    existing = workdir
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+      existing = os.path.dirname(existing)
+    if existing == workdir and not os.path.isdir(workdir):
+      raise WorkdirError(f"workdir {workdir} is a file, not a directory") from None
+    if not os.path.isdir(existing):
+      raise WorkdirError(f"cannot create workdir {workdir}: {existing} is a file, not a "
+                         "directory") from None
+    raise WorkdirError(f"cannot write to workdir {workdir}: {e.strerror or e}") from None
 
 
 def lock_path(workdir: str, process_index: int) -> str:

@@ -279,6 +279,16 @@ def test_bad_input_is_one_error_line(data_dir, tmp_path, args, message):
   assert "Traceback" not in result.stderr
 
 
+def test_a_file_where_the_workdir_should_be_is_one_line(tmp_path):
+  workdir = tmp_path / "results"
+  workdir.write_text("")
+  result = launch(str(workdir), "tests/tiny_config.py:kind=clip,steps=2")
+  assert result.returncode == 2
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert errors == [f"error: workdir {workdir} is a file, not a directory"], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+
+
 def test_mesh_and_sharding_rules_are_overridable_as_list_literals(data_dir, tmp_path):
   mesh, rules = '[("data", -1), ("fsdp", 2)]', '[("img/.*", "fsdp"), (".*", "replicate")]'
   result = launch(str(tmp_path), "tests/tiny_config.py:kind=clip,steps=2", "--config.mesh=" + mesh,

@@ -91,3 +91,42 @@ def test_processes_of_one_run_share_a_workdir_and_a_busy_one_stops_them_all(tmp_
   # ...so both processes of a second run stop, not only process 0.
   assert outputs[0].startswith("refused:") and f"pid {os.getpid()}" in outputs[0], outputs
   assert outputs[1].startswith("refused:") and "another process of this run" in outputs[1]
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+  """A directory this process cannot write in: a read-only tmpfs as root (root writes through
+  permission bits), else a directory without write permission."""
+  path = tmp_path / "read_only"
+  path.mkdir()
+  if os.geteuid() != 0:
+    path.chmod(0o555)
+    yield str(path)
+    path.chmod(0o755)
+    return
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)],
+                    capture_output=True, check=False).returncode:
+    pytest.skip("running as root, which writes through permission bits, and cannot mount a "
+                "read-only tmpfs here")
+  try:
+    yield str(path)
+  finally:
+    subprocess.run(["umount", str(path)], check=True)
+
+
+def test_an_unusable_workdir_is_one_line_naming_path_and_cause(tmp_path, read_only_dir):
+  a_file = tmp_path / "results"
+  a_file.write_text("")
+  cases = [
+      (str(a_file), f"workdir {a_file} is a file, not a directory"),
+      (str(a_file / "run"), f"cannot create workdir {a_file}/run: {a_file} is a file, not a "
+                            "directory"),
+      (read_only_dir, f"cannot write to workdir {read_only_dir}: "),
+      (os.path.join(read_only_dir, "run"), f"cannot write to workdir {read_only_dir}/run: "),
+  ]
+  for workdir, message in cases:
+    with pytest.raises(workdir_lock.WorkdirError) as raised:
+      workdir_lock.create(workdir)
+    assert str(raised.value).startswith(message), str(raised.value)
+  workdir_lock.create(str(tmp_path / "new" / "run"))  # A usable one is made, probe gone.
+  assert os.listdir(tmp_path / "new" / "run") == []

@@ -2,7 +2,6 @@
 and `train(config, workdir) -> summary`."""
 
 import importlib
-import os
 
 from agriclip_jax import config_lib
 from agriclip_jax import workdir_lock
@@ -38,6 +37,6 @@ def run(config, workdir: str):
   workdir); returns the run's summary."""
   validate(config)
   workdir = config_lib.absolute(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lock.create(workdir)
   with workdir_lock.hold(workdir):
     return get(config.trainer).train(config, workdir)
