@@ -21,7 +21,16 @@ from agriclip_jax.pytree import path_str
 BATCH_AXES = ("data", "fsdp")
 
 
+def _check_pairs(entries, field: str, example: str) -> None:
+  """A mesh or rule list typed on the command line may be malformed: one line, not an unpack
+  error deep in a trainer."""
+  if not isinstance(entries, (list, tuple)) or any(
+      not isinstance(entry, (list, tuple)) or len(entry) != 2 for entry in entries):
+    raise config_lib.ConfigError(f"{field}={entries!r}: expected a list of pairs, e.g. {example}")
+
+
 def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> Mesh:
+  _check_pairs(axes, "config.mesh", '[("data", -1), ("fsdp", 2)]')
   devices = jax.devices() if devices is None else devices
   names = [name for name, _ in axes]
   sizes = [int(size) for _, size in axes]
@@ -89,6 +98,7 @@ def _spec(strategy, shape, mesh: Mesh, min_size: int) -> P:
 
 def param_shardings(mesh: Mesh, params_shape, rules, min_size: int = 2**14):
   """NamedSharding per parameter from the first rule whose regex fullmatches its path."""
+  _check_pairs(rules, "config.sharding_rules", '[("img/.*", "fsdp"), (".*", "replicate")]')
   compiled = [(config_lib.compile_regex(pattern, "config.sharding_rules"), strategy)
               for pattern, strategy in rules]
 

@@ -121,6 +121,10 @@ def test_uncovered_parameter_and_bad_mesh_are_config_errors():
     sharding.make_mesh([("data", 3), ("fsdp", 2)])
   with pytest.raises(ValueError, match="not divisible"):
     sharding.batch_size_per_shard(mesh, 12)
+  with pytest.raises(ValueError, match=r"config.mesh=\[\('data',\)\]: expected a list of pairs"):
+    sharding.make_mesh([("data",)])
+  with pytest.raises(ValueError, match="config.sharding_rules=.*expected a list of pairs"):
+    sharding.param_shardings(mesh, {"a": jax.ShapeDtypeStruct((2,), np.float32)}, [".*"])
 
 
 def test_single_process_holds_all_rows():
