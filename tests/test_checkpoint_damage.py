@@ -76,7 +76,8 @@ def test_damaged_latest_checkpoint_is_moved_aside_and_the_run_resumes_before_it(
   os.remove(os.path.join(workdir, "summary.json"))  # As if stopped in the final evaluation.
   checkpoints = os.path.join(workdir, "checkpoints")
   DAMAGES[kind](os.path.join(checkpoints, "8"))
-  assert state_lib.latest_step(checkpoints) == 4  # Loaders skip it too.
+  # Loaders skip it too, by its files and sizes (checksums are checked on restore only).
+  assert state_lib.latest_step(checkpoints) == (8 if kind == "flipped_bytes" else 4)
 
   result = launch(workdir, CONFIG, EVERY, data_dir=data_dir)
   assert result.returncode == 0, result.stderr[-3000:]

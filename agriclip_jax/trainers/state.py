@@ -72,14 +72,16 @@ def make_spec(model_init: Callable[[jax.Array], Any], tx, labels, mesh, rules, s
 
 
 def latest_step(directory: str) -> int | None:
-  """The newest step in `directory` whose checkpoint passes verification; a damaged one is
-  skipped here (a resuming run moves it aside), so loaders never read it."""
+  """The newest step in `directory` whose checkpoint has every file its manifest lists, at
+  its size; a damaged one is skipped here (a resuming run moves it aside), so loaders never
+  read it. Checksums are left to the restore: this is called several times at start-up."""
   if not os.path.isdir(directory):
     return None
   steps = [int(d) for d in os.listdir(directory)
            if d.isdigit() and os.path.isdir(os.path.join(directory, d, "state"))]
   return next((step for step in sorted(steps, reverse=True)
-               if checkpointing.damage(os.path.join(directory, str(step))) is None), None)
+               if checkpointing.damage(os.path.join(directory, str(step)), checksums=False) is None),
+              None)
 
 
 def load_params(init_config, state, spec: StateSpec, workdir: str):
