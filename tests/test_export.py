@@ -73,6 +73,11 @@ def test_hf_export_gives_our_embeddings_and_token_ids(trained, form, tmp_path, c
   ids = hf_tokenizer(TEXTS, padding="max_length", truncation=True,
                      max_length=run.tokenizer.max_len)["input_ids"]
   np.testing.assert_array_equal(np.asarray(ids), tokens)
+  processor = transformers.AutoProcessor.from_pretrained(out)
+  processed = processor(text=TEXTS, images=[np.zeros((40, 30, 3), np.uint8)],
+                        padding="max_length", truncation=True, max_length=run.tokenizer.max_len)
+  np.testing.assert_array_equal(np.asarray(processed["input_ids"]), tokens)
+  assert np.asarray(processed["pixel_values"]).shape == (1, 3, run.image_size, run.image_size)
   images = utils.random_images(3, run.image_size)
   ours_img, ours_txt = _ours(run, images, tokens)
   with torch.no_grad():
