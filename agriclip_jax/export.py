@@ -1,6 +1,6 @@
 """Exports a trained model for PyTorch: a directory transformers or open_clip loads in one line.
 
-  python -m agriclip_jax.export --workdir RUN --out DIR [--format hf|open_clip|native]
+  python -m agriclip_jax.export --workdir RUN --out DIR [--format hf|open_clip|native] [--step N]
 
   transformers.CLIPModel.from_pretrained(DIR)   # SiglipModel for SigLIP-form runs
   open_clip.create_model_and_transforms("local-dir:DIR")
@@ -33,6 +33,8 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir", required=True, help=predict.CHECKPOINT_HELP)
   parser.add_argument("--out", required=True, help="The directory to write (created).")
   parser.add_argument("--format", default="hf", choices=("hf", "open_clip", "native"))
+  parser.add_argument("--step", type=int, default=None,
+                      help="The run's checkpoint to export (default: its latest).")
   parser.add_argument("--wise-base", dest="wise_base", default=None,
                       help="WiSE-FT: the run or checkpoint --workdir was fine-tuned from; the "
                       "export is (1 - alpha) * base + alpha * fine-tuned.")
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
     if os.path.exists(args.out) and os.listdir(args.out):
       raise errors.ConfigError(f"--out {args.out} exists and is not empty")
     mesh = sharding.make_mesh([("data", -1), ("fsdp", 1)], jax.local_devices())
-    run = runs.load(args.workdir, mesh, args.checkpoint_format, args.tokenizer)
+    run = runs.load(args.workdir, mesh, args.checkpoint_format, args.tokenizer, args.step)
     if args.wise_base is not None:
       run = runs.interpolate(runs.load(args.wise_base, mesh), run, args.alpha)
     if run.config.trainer == "align":

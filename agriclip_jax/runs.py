@@ -89,18 +89,23 @@ def is_run(path: str) -> bool:
 
 
 def load(workdir: str, mesh: jax.sharding.Mesh, format: str | None = None,  # pylint: disable=redefined-builtin
-         tokenizer: str | None = None) -> Run:
-  """The run in `workdir` at its latest checkpoint, or an imported checkpoint (`format`
-  detected unless given; `tokenizer` a tokenizer directory for checkpoints without one)."""
+         tokenizer: str | None = None, step: int | None = None) -> Run:
+  """The run in `workdir` at its latest checkpoint (or at `step`), or an imported checkpoint
+  (`format` detected unless given; `tokenizer` a tokenizer directory for checkpoints without
+  one)."""
   workdir = config_lib.absolute(workdir)
   if format or not is_run(workdir):
+    if step is not None:
+      raise config_lib.ConfigError(f"{workdir} is not a run of this project: it has no steps")
     return load_imported(workdir, mesh, format, tokenizer)
   config = state_lib.run_config(workdir)
   if config.trainer == "align":
+    if step is not None:
+      raise config_lib.ConfigError(f"{workdir} is an align run: it has no steps")
     return _load_agriclip(config, workdir, mesh)
   normalize = _normalizer(config)
   entry = "teacher" if config.trainer == "dino" else "params"
-  params, step, params_sharding = _load_params(workdir, entry, config, mesh)
+  params, step, params_sharding = _load_params(workdir, entry, config, mesh, step)
   image_size = config.input.image_size
   if config.trainer in IMAGE_TEXT_TRAINERS:
     tokenizer = tokenizer_lib.load(workdir)
@@ -206,10 +211,10 @@ def _load_agriclip(config, workdir: str, mesh) -> Run:
              towers.tokenizer, scale=towers.runs["clip"].logit_scale)
 
 
-def _load_params(workdir, entry, config, mesh):
-  """A checkpoint entry sharded by the run's own rules on this mesh."""
-  abstract, _ = state_lib.checkpoint_shapes(workdir, entry)
+def _load_params(workdir, entry, config, mesh, step=None):
+  """A checkpoint entry (latest, or `step`'s) sharded by the run's own rules on this mesh."""
+  abstract, _ = state_lib.checkpoint_shapes(workdir, entry, step)
   shardings = sharding.param_shardings(mesh, abstract, config.sharding_rules,
                                        config.get("fsdp_min_size", 2**14))
-  params, step = state_lib.load_entry(workdir, entry, shardings)
+  params, step = state_lib.load_entry(workdir, entry, shardings, step)
   return params, step, shardings

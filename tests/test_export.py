@@ -37,10 +37,8 @@ def trained(tmp_path_factory, data_dir):
 
 
 def _export(source, out, format_, capsys, expect=0):
-  code = export.main(["--workdir", str(source), "--out", str(out), "--format", format_])
-  captured = capsys.readouterr()
-  assert code == expect, captured.err
-  return json.loads(captured.out), captured.err
+  return _export_args(["--workdir", str(source), "--out", str(out), "--format", format_],
+                      capsys, expect)
 
 
 def _ours(run, images_nchw, tokens):
@@ -179,3 +177,21 @@ def test_export_refuses_a_non_empty_output_and_a_missing_run_in_one_line(tmp_pat
 def test_inverted_tables_refuse_parameters_without_a_place():
   with pytest.raises(common.ExportError, match="img/extra"):
     common.invert({"img/extra/kernel": np.zeros((2, 2))}, [], "x")
+
+
+def test_export_of_a_chosen_step_and_of_a_step_the_run_does_not_keep(trained, tmp_path, capsys):
+  result, _ = _export_args(["--workdir", trained["clip"], "--out", str(tmp_path / "s4"),
+                            "--format", "native", "--step", "4"], capsys)
+  assert result["step"] == 4
+  code = export.main(["--workdir", trained["clip"], "--out", str(tmp_path / "s3"),
+                      "--step", "3"])
+  err = capsys.readouterr().err
+  assert code == 2 and len(err.strip().splitlines()) == 1
+  assert "has no checkpoint at step 3 (it keeps [4])" in err
+
+
+def _export_args(argv, capsys, expect=0):
+  code = export.main(argv)
+  captured = capsys.readouterr()
+  assert code == expect, captured.err
+  return json.loads(captured.out), captured.err

@@ -177,17 +177,29 @@ def run_config(workdir: str):
     return ml_collections.ConfigDict(json.load(f))
 
 
-def _latest_state(workdir: str) -> tuple[str, int]:
+def _latest_state(workdir: str, step: int | None = None) -> tuple[str, int]:
+  """(state path, step) of the run's latest checkpoint, or of checkpoint `step`."""
   directory = os.path.join(config_lib.absolute(workdir), "checkpoints")
+  if step is not None:
+    path = os.path.join(directory, str(step))
+    if not os.path.isdir(os.path.join(path, "state")):
+      kept = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(
+          directory) else []
+      raise config_lib.ConfigError(f"{workdir} has no checkpoint at step {step} (it keeps "
+                                   f"{kept or 'none'})")
+    problem = checkpointing.damage(path)
+    if problem:
+      raise config_lib.ConfigError(f"checkpoint {path} is damaged ({problem})")
+    return os.path.join(path, "state"), step
   step = latest_step(directory)
   if step is None:
     raise config_lib.ConfigError(f"{workdir} has no checkpoint")
   return os.path.join(directory, str(step), "state"), step
 
 
-def checkpoint_shapes(workdir: str, entry: str):
-  """(ShapeDtypeStructs of one entry of a run's latest checkpoint, its step)."""
-  path, step = _latest_state(workdir)
+def checkpoint_shapes(workdir: str, entry: str, step: int | None = None):
+  """(ShapeDtypeStructs of one entry of a run's latest checkpoint (or `step`'s), its step)."""
+  path, step = _latest_state(workdir, step)
   stored = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
   if entry not in stored:
     raise config_lib.ConfigError(f"{path} has no {entry!r} (it has {sorted(stored)})")
@@ -195,16 +207,18 @@ def checkpoint_shapes(workdir: str, entry: str):
                       stored[entry]), step
 
 
-def load_entry(workdir: str, entry: str, shardings) -> tuple[Any, int]:
-  """(one entry of a run's latest checkpoint, e.g. "params" or "teacher", its step), placed
-  with `shardings`: one sharding for every array, or a tree of them like the entry's."""
-  shapes, step = checkpoint_shapes(workdir, entry)
+def load_entry(workdir: str, entry: str, shardings,
+               step: int | None = None) -> tuple[Any, int]:
+  """(one entry of a run's latest checkpoint (or `step`'s), e.g. "params" or "teacher", its
+  step), placed with `shardings`: one sharding for every array, or a tree of them like the
+  entry's."""
+  shapes, step = checkpoint_shapes(workdir, entry, step)
   if isinstance(shardings, jax.sharding.Sharding):
     shardings = jax.tree.map(lambda _: shardings, shapes)
   item = {entry: jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                               shapes, shardings)}
   restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), item)
-  path, _ = _latest_state(workdir)
+  path, _ = _latest_state(workdir, step)
   restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
       item=item, restore_args=restore_args, partial_restore=True))
   return restored[entry], step
