@@ -14,8 +14,8 @@ from agriclip_jax import sharding
 from agriclip_jax.trainers import state as state_lib
 from conftest import launch
 
-CONFIG = "tests/tiny_config.py:kind=clip,steps=8"
-EVERY = "--config.checkpoint_every=4"
+CONFIG = "tests/tiny_config.py:kind=clip,steps=16"
+EVERY = ("--config.checkpoint_every=4", "--config.keep_checkpoints=4")
 
 
 def _largest(directory):
@@ -59,37 +59,47 @@ DAMAGES = {
 }
 
 
+# One resume per group: its damages hit checkpoints 16, 12 and 8 (one kind each), and the run
+# moves all three aside, newest first, and resumes from 4. Flipped bytes keep every size, so
+# only the restore's checksums find them (loaders, checking sizes, still see step 8).
+GROUPS = [("truncated_chunk", "no_metadata", "no_ocdbt_manifests"),
+          ("garbage_data_json", "no_state", "flipped_bytes")]
+
+
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
-  """A finished 8-step run with checkpoints at steps 4 and 8, shared by the cases (copied)."""
+  """A finished 16-step run with checkpoints at steps 4, 8, 12 and 16, shared by the cases
+  (copied)."""
   workdir = str(tmp_path_factory.mktemp("trained"))
-  result = launch(workdir, CONFIG, EVERY, data_dir=data_dir)
+  result = launch(workdir, CONFIG, *EVERY, data_dir=data_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
 
 
-@pytest.mark.parametrize("kind", DAMAGES)
-def test_damaged_latest_checkpoint_is_moved_aside_and_the_run_resumes_before_it(
-    kind, trained, data_dir, tmp_path):
+@pytest.mark.parametrize("kinds", GROUPS, ids="+".join)
+def test_damaged_latest_checkpoints_are_moved_aside_and_the_run_resumes_before_them(
+    kinds, trained, data_dir, tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(trained, workdir)
   os.remove(os.path.join(workdir, "summary.json"))  # As if stopped in the final evaluation.
   checkpoints = os.path.join(workdir, "checkpoints")
-  DAMAGES[kind](os.path.join(checkpoints, "8"))
-  # Loaders skip it too, by its files and sizes (checksums are checked on restore only).
-  assert state_lib.latest_step(checkpoints) == (8 if kind == "flipped_bytes" else 4)
+  for step, kind in zip((16, 12, 8), kinds):
+    DAMAGES[kind](os.path.join(checkpoints, str(step)))
+  # Loaders skip them too, by their files and sizes (checksums are checked on restore only).
+  assert state_lib.latest_step(checkpoints) == (8 if "flipped_bytes" in kinds else 4)
 
-  result = launch(workdir, CONFIG, EVERY, data_dir=data_dir)
+  result = launch(workdir, CONFIG, *EVERY, data_dir=data_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   lines = [line for line in result.stderr.splitlines() if "moved aside" in line]
-  assert len(lines) == 1, result.stderr[-3000:]
-  assert f"{checkpoints}/8 is damaged" in lines[0]
-  assert f"moved aside to {checkpoints}/8.damaged" in lines[0]
+  assert len(lines) == 3, result.stderr[-3000:]
+  for line, step in zip(lines, (16, 12, 8)):
+    assert f"{checkpoints}/{step} is damaged" in line
+    assert f"moved aside to {checkpoints}/{step}.damaged" in line
+    assert os.path.isdir(os.path.join(checkpoints, f"{step}.damaged"))
   assert f"Resuming from {checkpoints}/4" in result.stderr
-  assert "finished at step 8" in result.stdout
-  assert os.path.isdir(os.path.join(checkpoints, "8.damaged"))
-  assert checkpointing.damage(os.path.join(checkpoints, "8")) is None  # Written again.
-  assert state_lib.latest_step(checkpoints) == 8
+  assert "finished at step 16" in result.stdout
+  assert checkpointing.damage(os.path.join(checkpoints, "16")) is None  # Written again.
+  assert state_lib.latest_step(checkpoints) == 16
 
 
 def test_checkpoints_get_a_manifest_and_one_without_is_restored_with_a_warning(
