@@ -120,5 +120,6 @@ def test_evaluator_and_model_mismatches_are_config_errors(data_dir):
                        context)
   config.classes = "bogus"
   context.encode_images = mean_colour_scores
-  with pytest.raises(config_lib.ConfigError, match="must be 'all', 'present' or a list"):
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"unknown classes \['bogus'\].*classes is 'all', 'present', a list"):
     classification.Evaluator("heldout", config, context)
