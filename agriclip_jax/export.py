@@ -10,7 +10,8 @@ checkpoint), so the command also converts between formats. A model the requested
 cannot express is written in the native format (safetensors + agriclip_model.json) instead,
 and one line names what does not fit. An AgriCLIP alignment run exports its aligner (a
 PyTorch nn.Linear's weight and bias). `--wise-base BASE --alpha a` exports the WiSE-FT mix
-(1 - a) * BASE + a * run of a run fine-tuned from BASE. Prints JSON: what was written and how to load it.
+(1 - a) * BASE + a * run of a run fine-tuned from BASE. Prints JSON: what was written and
+how to load it.
 Exit status: 0 written as asked, 3 written in the native format instead, 2 on bad input.
 """
 

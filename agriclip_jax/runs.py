@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from agriclip_jax import config_lib
+from agriclip_jax import pytree
 from agriclip_jax import sharding
 from agriclip_jax.input import preprocess
 from agriclip_jax.input import tokenizer as tokenizer_lib
@@ -172,8 +173,8 @@ def interpolate(base: Run, run: Run, alpha: float) -> Run:
   """WiSE-FT: `run` with parameters (1 - alpha) * base + alpha * run, for a run fine-tuned
   from `base` (an imported checkpoint or an earlier run). alpha 0 is the base, 1 the run;
   between, fine-tuning's gains on its domain trade against the base's general skill."""
-  flat_base = dict(_flat_shapes(base.params))
-  flat_run = dict(_flat_shapes(run.params))
+  flat_base = {k: tuple(v.shape) for k, v in pytree.flatten(base.params).items()}
+  flat_run = {k: tuple(v.shape) for k, v in pytree.flatten(run.params).items()}
   if flat_base != flat_run:
     differ = sorted(k for k in set(flat_base) | set(flat_run)
                     if flat_base.get(k) != flat_run.get(k))
@@ -189,14 +190,6 @@ def interpolate(base: Run, run: Run, alpha: float) -> Run:
                    out_shardings=run.params_sharding)(base.params, run.params)
   return dataclasses.replace(run, params=params,
                              revision=(run.revision, "wise", float(alpha), base.key))
-
-
-def _flat_shapes(tree, prefix: str = ""):
-  for key, value in tree.items():
-    if isinstance(value, dict) or hasattr(value, "items"):
-      yield from _flat_shapes(value, f"{prefix}{key}/")
-    else:
-      yield f"{prefix}{key}", tuple(value.shape)
 
 
 def _load_agriclip(config, workdir: str, mesh) -> Run:

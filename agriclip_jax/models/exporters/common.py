@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from agriclip_jax import config_lib
+from agriclip_jax import pytree
 from agriclip_jax.models.importers import common as importers_common
 
 
@@ -206,24 +207,6 @@ def write_json(path: str, data: Any) -> None:
     f.write("\n")
 
 
-def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+def flatten(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """A nested parameter dict as {"img/encoder/block00/...": numpy array}."""
-  out = {}
-  for key, value in params.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      out.update(flatten(value, path + "/"))
-    else:
-      out[path] = np.asarray(value)
-  return out
-
-
-def nest(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for path, value in flat.items():
-    node = out
-    *parents, leaf = path.split("/")
-    for name in parents:
-      node = node.setdefault(name, {})
-    node[leaf] = value
-  return out
+  return {k: np.asarray(v) for k, v in pytree.flatten(params).items()}
