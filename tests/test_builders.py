@@ -587,7 +587,7 @@ def prepared(tmp_path_factory):
                    "--config.evals.test.split=train_mini",
                    "--config.evals.test.templates=species"]),
     ("kind=pretrain", ["--config.input.dataset=agri_downstream/cow_breed"]),
-    ("kind=mixture", []),
+    ("kind=mixture", ["--config.loss_targets=labels"]),
 ], ids=["alive", "inaturalist", "downstream", "mixture"])
 def test_training_runs_on_each_prepared_dataset(prepared, tmp_path, config, overrides):
   from conftest import launch  # pylint: disable=g-import-not-at-top
@@ -601,3 +601,7 @@ def test_training_runs_on_each_prepared_dataset(prepared, tmp_path, config, over
   if config == "kind=mixture":
     assert "alive/" in result.stderr and "inaturalist2021_text/" in result.stderr
     assert summary["test/num_classes"] == 4 and summary["heldout/num_examples"] == 6
+    with open(tmp_path / "metrics.jsonl") as f:  # Labels reach the loss, datasets kept apart.
+      fractions = [m["targets/same_label_fraction"] for m in map(json.loads, f)
+                   if "targets/same_label_fraction" in m]
+    assert fractions and all(0 <= x < 1 for x in fractions)

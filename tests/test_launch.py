@@ -264,6 +264,8 @@ def test_mismatched_checkpoint_is_one_line(data_dir, tmp_path):
     (("--config.optim.decay_regex=(",), "optim.decay_regex: invalid regular expression"),
     (("--config.input.text_key=caption",), "input.text_key='caption': agri_synthetic/small"),
     (("--config.input.image_size=36",), "image size 36x36 is not a multiple of the ViT patch"),
+    (("--config.loss_targets=labels", "--config.input.label_key=species"),
+     "config.loss_targets='labels': input.label_key='species': agri_synthetic/small/1.1.0 has"),
     (("--config.evals.heldout.type=classification", "--config.evals.heldout.templates=",
       "--config.evals.heldout.class_texts="),
      "evaluators of type 'classification' have fields"),

@@ -81,6 +81,7 @@ class TrainTransform:
   text_key: str = "captions"
   text_choice: str = "step"
   label_key: str | None = None  # None: no label.
+  label_offset: int = 0  # Added to the label (keeps several datasets' classes apart).
   crop_scale: tuple[float, float] = (0.5, 1.0)
   flip: bool = True
 
@@ -93,7 +94,7 @@ class TrainTransform:
         text_rng = np.random.default_rng(zlib.crc32(example[self.image_key]))
       out["text"] = self.tokenize([pick_text(feature(example, self.text_key), text_rng)])[0]
     if self.label_key is not None:
-      out["label"] = np.int32(feature(example, self.label_key))
+      out["label"] = np.int32(feature(example, self.label_key) + self.label_offset)
     return out
 
 

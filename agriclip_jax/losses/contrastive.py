@@ -7,6 +7,7 @@ devices or processes hold it.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from agriclip_jax import config_lib
 
@@ -16,36 +17,117 @@ def _logits(zimg, ztxt, scale, bias):
   return logits if bias is None else logits + bias
 
 
-def logit_metrics(logits) -> dict[str, jax.Array]:
-  """Mean logit of matching pairs, of non-matching pairs, and in-batch retrieval accuracy."""
+# Which pairs of a batch count as matching (`config.loss_targets`): only each example's own
+# pair; every pair whose examples share a label (a class, a species); every pair whose texts
+# are identical token for token.
+TARGETS = ("pairs", "labels", "texts")
+
+# Two multipliers of a polynomial hash of token ids (mod 2**32). Texts count as identical when
+# both hashes agree: a false match needs a 64-bit collision, about n**2 / 2**64 per batch of n.
+_TEXT_HASH_BASES = (1_000_003, 2_654_435_761)
+
+
+def text_keys(tokens: jax.Array) -> jax.Array:
+  """[n, 2] uint32 hashes of each row of token ids: equal rows give equal keys."""
+  length = tokens.shape[-1]
+  powers = np.array([[pow(b, k, 2**32) for b in _TEXT_HASH_BASES] for k in range(length)],
+                    np.uint32)
+  return jnp.sum(tokens.astype(jnp.uint32)[:, :, None] * jnp.asarray(powers)[None], axis=1,
+                 dtype=jnp.uint32)
+
+
+def same(keys: jax.Array) -> jax.Array:
+  """[n, n] bool: rows i and j of `keys` ([n] or [n, k]) are equal."""
+  keys = keys.reshape(keys.shape[0], -1)
+  return jnp.all(keys[:, None, :] == keys[None, :, :], axis=-1)
+
+
+def positives(targets: str, batch: dict[str, jax.Array]) -> jax.Array | None:
+  """The [n, n] mask of matching pairs for `targets` (None: the diagonal, `pairs`)."""
+  if targets == "pairs":
+    return None
+  if targets == "labels":
+    return same(batch["label"])
+  if targets == "texts":
+    return same(text_keys(batch["text"]))
+  raise config_lib.ConfigError(
+      f"unknown config.loss_targets {targets!r}; expected one of {list(TARGETS)}")
+
+
+def duplicate_fractions(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Fraction of the batch's off-diagonal pairs sharing a label / an identical text: the pairs
+  the standard (`pairs`) losses treat as negatives although they match."""
+  out = {}
+  for name, mask in (("label", lambda: same(batch["label"])),
+                     ("text", lambda: same(text_keys(batch["text"])))):
+    if name in batch:
+      mask = mask()
+      n = mask.shape[0]
+      out[f"targets/same_{name}_fraction"] = (jnp.sum(mask) - n) / max(n * (n - 1), 1)
+  return out
+
+
+def logit_metrics(logits, positive=None) -> dict[str, jax.Array]:
+  """Mean logit of matching pairs, of non-matching pairs, and in-batch retrieval accuracy
+  (the best-scoring text of an image, and image of a text, is one of its matches)."""
   n = logits.shape[0]
-  eye = jnp.eye(n, dtype=bool)
+  positive = jnp.eye(n, dtype=bool) if positive is None else positive
+  rows = jnp.arange(n)
+  num_positive = jnp.sum(positive)
   return {
-      "logits/positive": jnp.mean(jnp.diagonal(logits)),
-      "logits/negative": jnp.sum(jnp.where(eye, 0.0, logits)) / max(n * (n - 1), 1),
-      "batch_accuracy/img2txt": jnp.mean(jnp.argmax(logits, axis=1) == jnp.arange(n)),
-      "batch_accuracy/txt2img": jnp.mean(jnp.argmax(logits, axis=0) == jnp.arange(n)),
+      "logits/positive": jnp.sum(jnp.where(positive, logits, 0.0)) / num_positive,
+      "logits/negative": (jnp.sum(jnp.where(positive, 0.0, logits))
+                          / jnp.maximum(n * n - num_positive, 1)),
+      "batch_accuracy/img2txt": jnp.mean(positive[rows, jnp.argmax(logits, axis=1)]),
+      "batch_accuracy/txt2img": jnp.mean(positive[jnp.argmax(logits, axis=0), rows]),
   }
 
 
-def softmax_loss(zimg, ztxt, scale, bias=None):
-  """CLIP: cross-entropy of each image over all texts and of each text over all images."""
+def softmax_loss(zimg, ztxt, scale, bias=None, positive=None, weight=1.0):
+  """CLIP: cross-entropy of each image over all texts and of each text over all images.
+
+  With a `positive` mask ([n, n], true on the diagonal) the target of each row (column) is
+  spread over its matches: `weight` of it evenly over all of them, `1 - weight` on its own
+  pair. Without one, or when the mask is the diagonal, this is CLIP's loss exactly.
+  """
   logits = _logits(zimg, ztxt, scale, bias)
-  img2txt = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=1)))
-  txt2img = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=0)))
+  n = logits.shape[0]
+  eye = jnp.eye(n, dtype=bool)
+  positive = eye if positive is None else positive
+  losses = []
+  for axis in (1, 0):
+    log_p = jax.nn.log_softmax(logits, axis=axis)
+    own = jnp.diagonal(log_p)
+    spread = (jnp.sum(jnp.where(positive, log_p, 0.0), axis=axis)
+              / jnp.sum(positive, axis=axis))
+    losses.append(-jnp.mean(own if weight == 0 else
+                            spread if weight == 1 else (1 - weight) * own + weight * spread))
+  img2txt, txt2img = losses
   loss = (img2txt + txt2img) / 2
-  return loss, {"loss/img2txt": img2txt, "loss/txt2img": txt2img, **logit_metrics(logits)}
+  return loss, {"loss/img2txt": img2txt, "loss/txt2img": txt2img,
+                **logit_metrics(logits, positive)}
 
 
-def sigmoid_loss(zimg, ztxt, scale, bias):
-  """SigLIP: every (image, text) pair is a binary problem; summed per image, mean over images."""
+def sigmoid_loss(zimg, ztxt, scale, bias, positive=None, weight=1.0):
+  """SigLIP: every (image, text) pair is a binary problem; summed per image, mean over images.
+
+  Pairs in `positive` ([n, n]) other than an example's own are matches with target `weight`
+  (1: a positive like the own pair; between 0 and 1: a soft target). Without a mask this is
+  SigLIP's loss exactly.
+  """
   if bias is None:
     raise config_lib.ConfigError(
         "the sigmoid loss needs a learned bias (set model.logit_bias_init, e.g. -10)")
   logits = _logits(zimg, ztxt, scale, bias)
-  labels = 2 * jnp.eye(logits.shape[0], dtype=logits.dtype) - 1
-  loss = -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / logits.shape[0]
-  return loss, logit_metrics(logits)
+  eye = jnp.eye(logits.shape[0], dtype=bool)
+  if positive is None or weight == 0:
+    labels = 2 * eye.astype(logits.dtype) - 1
+    loss = -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / logits.shape[0]
+  else:
+    target = jnp.where(eye, 1.0, jnp.where(positive, weight, 0.0)).astype(logits.dtype)
+    loss = -jnp.sum(target * jax.nn.log_sigmoid(logits)
+                    + (1 - target) * jax.nn.log_sigmoid(-logits)) / logits.shape[0]
+  return loss, logit_metrics(logits, positive)
 
 
 LOSSES = {"softmax": softmax_loss, "sigmoid": sigmoid_loss}

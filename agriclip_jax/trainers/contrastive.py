@@ -10,6 +10,7 @@ import os
 import jax
 import ml_collections
 
+from agriclip_jax import config_lib
 from agriclip_jax.input import pipeline
 from agriclip_jax.input import preprocess
 from agriclip_jax.input import tokenizer as tokenizer_lib
@@ -43,17 +44,29 @@ def default_config() -> ml_collections.ConfigDict:
   )
   config.model.logit_bias_init = ml_collections.FieldReference(None, field_type=float)
   config.loss = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)
+  # Which pairs are matches (losses.contrastive.TARGETS): "pairs" (each example's own only, as
+  # in CLIP and SigLIP), "labels" (every pair sharing input.label_key: captions generated per
+  # class or species are not negatives of each other) or "texts" (identical token ids).
+  config.loss_targets = "pairs"
+  # Share of each row's target on its other matches (1: they count fully; below 1: a soft
+  # target, the rest staying on the own pair).
+  config.loss_targets_weight = 1.0
   return config
 
 
-def make_objective(model, loss_name: str, normalize):
-  """(params, batch, rng) -> (loss, metrics) for a two-tower model."""
+def make_objective(model, loss_name: str, normalize, targets: str = "pairs",
+                   targets_weight: float = 1.0):
+  """(params, batch, rng) -> (loss, metrics) for a two-tower model; `targets` (see
+  losses.TARGETS) says which pairs of the batch match."""
   loss_fn = losses.get(loss_name)
+  check_targets(targets, targets_weight)
 
   def objective(params, batch, rng):
     zimg, ztxt, extras = model.apply({"params": params}, normalize(batch["image"]),
                                      batch["text"], train=True, rngs={"dropout": rng})
-    loss, metrics = loss_fn(zimg, ztxt, extras["logit_scale"], extras.get("logit_bias"))
+    loss, metrics = loss_fn(zimg, ztxt, extras["logit_scale"], extras.get("logit_bias"),
+                            losses.positives(targets, batch), targets_weight)
+    metrics.update(losses.duplicate_fractions(batch))
     metrics["logit_scale"] = extras["logit_scale"]
     if "logit_bias" in extras:
       metrics["logit_bias"] = extras["logit_bias"]
@@ -62,6 +75,41 @@ def make_objective(model, loss_name: str, normalize):
     return loss, metrics
 
   return objective
+
+
+def check_targets(targets: str, weight: float) -> None:
+  if targets not in losses.TARGETS:
+    raise config_lib.ConfigError(
+        f"config.loss_targets must be one of {list(losses.TARGETS)}; got {targets!r}")
+  if not 0 <= weight <= 1:
+    raise config_lib.ConfigError(
+        f"config.loss_targets_weight must be between 0 and 1; got {weight}")
+
+
+def label_offsets(config, sources) -> list[int | None]:
+  """Per training dataset, what its labels are shifted by so that datasets' classes stay
+  apart in one batch (the classes of those before it); None where it has no label feature,
+  and then the batch carries no labels.
+
+  `loss_targets="labels"` needs a class label in every dataset: a ConfigError names the one
+  without.
+  """
+  offsets, total = [], 0
+  for builder, _, component in sources:
+    key = component["label_key"]
+    try:
+      common.check_feature(builder, key, "input.label_key")
+      feature = builder.info.features[key]
+      num_classes = feature.num_classes
+    except (config_lib.ConfigError, AttributeError, KeyError) as e:
+      if config.loss_targets == "labels":
+        reason = (str(e) if isinstance(e, config_lib.ConfigError)
+                  else f"{builder.info.full_name}'s {key!r} is not a class label")
+        raise config_lib.ConfigError(f"config.loss_targets='labels': {reason}") from None
+      return [None] * len(sources)
+    offsets.append(total)
+    total += num_classes
+  return offsets
 
 
 def setup_with_text(config, workdir: str):
@@ -76,6 +124,24 @@ def setup_with_text(config, workdir: str):
   if jax.process_index() == 0:
     tokenizer.save(workdir)
   return setup, tokenizer, two_towers.make(config.model, vocab_size=tokenizer.vocab_size)
+
+
+def transforms(config, setup, tokenizer):
+  """component -> its training transform: an image, a caption's tokens and, where the
+  datasets have class labels, the label (shifted per dataset by `label_offsets`)."""
+  offsets = label_offsets(config, setup.sources)
+  by_dataset = {id(c): offset for (_, _, c), offset in zip(setup.sources, offsets)}
+
+  def make_transform(component):
+    offset = by_dataset[id(component)]
+    return pipeline.TrainTransform(
+        image_size=config.input.image_size, tokenize=tokenizer.encode,
+        image_key=component["image_key"], text_key=component["text_key"],
+        text_choice=component["text_choice"],
+        label_key=None if offset is None else component["label_key"], label_offset=offset or 0,
+        crop_scale=tuple(config.input.crop_scale), flip=config.input.flip)
+
+  return make_transform
 
 
 def train(config: ml_collections.ConfigDict, workdir: str):
@@ -93,13 +159,9 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   spec, tx, lr_schedule = setup.state_spec(model_init)
   normalize = functools.partial(preprocess.normalize, mean=config.input.mean,
                                 std=config.input.std)
-  objective = make_objective(model, config.loss, normalize)
-
-  def make_transform(component):
-    return pipeline.TrainTransform(
-        image_size=image_size, tokenize=tokenizer.encode, image_key=component["image_key"],
-        text_key=component["text_key"], text_choice=component["text_choice"],
-        crop_scale=tuple(config.input.crop_scale), flip=config.input.flip)
+  objective = make_objective(model, config.loss, normalize, config.loss_targets,
+                             config.loss_targets_weight)
+  make_transform = transforms(config, setup, tokenizer)
 
   def encode_images(params, images):
     return model.apply({"params": params}, normalize(images), None)[0]

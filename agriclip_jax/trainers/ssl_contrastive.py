@@ -66,7 +66,8 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   spec, tx, lr_schedule = setup.state_spec(model_init, extra_state=extra_state)
   normalize = functools.partial(preprocess.normalize, mean=config.input.mean,
                                 std=config.input.std)
-  contrastive_objective = contrastive.make_objective(towers, config.loss, normalize)
+  contrastive_objective = contrastive.make_objective(
+      towers, config.loss, normalize, config.loss_targets, config.loss_targets_weight)
   weights = {k: optim.cosine(w.start, w.end, config.total_steps)
              for k, w in config.loss_weights.items()}
   teacher_temp = optim.warmup_then_constant(d.warmup_teacher_temp, d.teacher_temp,
@@ -112,12 +113,11 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   crops = preprocess.dino_crops(d.global_size, d.local_size, d.num_local, d.global_scale,
                                 d.local_scale)
 
+  image_and_text = contrastive.transforms(config, setup, tokenizer)
+
   def make_transform(component):
     return pipeline.MultiCropTransform(crops, image_key=component["image_key"],
-                                       also=pipeline.TrainTransform(
-        image_size=image_size, tokenize=tokenizer.encode, image_key=component["image_key"],
-        text_key=component["text_key"], text_choice=component["text_choice"],
-        crop_scale=tuple(config.input.crop_scale), flip=config.input.flip))
+                                       also=image_and_text(component))
 
   def encode_images(params, images):
     return towers.apply({"params": params}, normalize(images), None)[0]
