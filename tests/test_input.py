@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 
 import numpy as np
 from PIL import Image
@@ -180,7 +181,7 @@ def test_state_is_the_global_position_and_resumes_on_another_layout():
   one_process = _iterator(source, _transform(tok), pipeline.Rows(0, 8, 8))
   _take(one_process, 3)
   state = one_process.get_state()
-  assert state == {"global_position": 24}
+  assert state == {"global_position": 24, "undecodable": 0}
   # The same state resumes two processes holding half of each global batch...
   halves = []
   for rows in (pipeline.Rows(0, 4, 8), pipeline.Rows(4, 8, 8)):
@@ -257,9 +258,33 @@ def test_eval_batches_cover_every_example_once(n, batch, rows):
   assert sorted(seen) == list(range(n))
 
 
-def test_corrupt_image_in_the_pipeline_names_the_example():
-  source, tok = _source(4), _tokenizer()
+def test_an_undecodable_image_is_replaced_by_the_next_example_named_and_flagged(caplog):
+  source, tok = _source(6), _tokenizer()
   source[2] = dict(source[2], image=b"garbage", id=b"train-002")
+  make = lambda: _iterator(source, _transform(tok), pipeline.Rows(0, 6, 6), seed=0)
+  with caplog.at_level(logging.WARNING):
+    batches = _take(make(), 5)  # Five epochs of the six examples.
+  assert "example train-002: cannot decode image" in caplog.text
+  flags = np.concatenate([b["undecodable"] for b in batches])
+  labels = np.concatenate([b["label"] for b in batches])
+  images = np.concatenate([b["image"] for b in batches])
+  assert flags.sum() == 5 and 2 not in labels  # Once per epoch; never the broken example.
+  for i in np.flatnonzero(flags[:-1]):  # Its stand-in is the stream's next example.
+    assert labels[i] == labels[i + 1]
+    np.testing.assert_array_equal(images[i], images[i + 1])
+  resumed = make()  # Deterministic: a resumed run reads the same.
+  first = make()
+  _take(first, 2)
+  resumed.set_state(first.get_state())
+  for want, got in zip(batches[2:], _take(resumed, 3)):
+    for key in want:
+      np.testing.assert_array_equal(want[key], got[key])
+
+
+def test_a_stream_of_undecodable_images_stops_naming_one():
+  source, tok = _source(4), _tokenizer()
+  source = [dict(e, image=b"garbage", id=f"bad-{i}".encode()) for i, e in enumerate(source)]
   iterator = _iterator(source, _transform(tok), pipeline.Rows(0, 4, 4), seed=0)
-  with pytest.raises(preprocess.CorruptImageError, match="example train-002: cannot decode"):
+  with pytest.raises(preprocess.CorruptImageError,
+                     match="64 training examples in a row could not be decoded .*example bad-"):
     next(iterator)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -309,3 +310,51 @@ def test_frozen_tower_without_pretrained_weights_is_refused(data_dir, tmp_path):
   assert result.returncode == 2
   errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and "frozen parameters (e.g. img/" in errors[0], result.stderr[-2000:]
+
+
+def _with_undecodable_images(data_dir, destination, every=8):
+  """A copy of data_dir whose agri_synthetic/small train split has every `every`-th image
+  truncated after the build (as a file damaged on disk later would be)."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  shutil.copytree(data_dir, destination)
+  split_dir = os.path.join(destination, "agri_synthetic", "small")
+  version = os.listdir(split_dir)[0]
+  [path] = [os.path.join(split_dir, version, f) for f in os.listdir(os.path.join(
+      split_dir, version)) if f.startswith("agri_synthetic-train.array_record")]
+  reader = array_record_module.ArrayRecordReader(path)
+  records = reader.read_all()
+  reader.close()
+  damaged = []
+  writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+  for i, record in enumerate(records):
+    if i % every == 0:
+      example = tf.train.Example.FromString(record)
+      image = example.features.feature["image"].bytes_list.value
+      image[0] = image[0][:len(image[0]) // 3]
+      damaged.append(example.features.feature["id"].bytes_list.value[0].decode())
+      record = example.SerializeToString()
+    writer.write(record)
+  writer.close()
+  return damaged
+
+
+def test_undecodable_training_images_are_replaced_counted_and_limited(data_dir, tmp_path):
+  damaged_dir = str(tmp_path / "tfds")
+  damaged = _with_undecodable_images(data_dir, damaged_dir)
+  tolerant = launch(str(tmp_path / "tolerant"), "tests/tiny_config.py:kind=clip",
+                    "--config.input.max_undecodable_rate=0.5", data_dir=damaged_dir)
+  assert tolerant.returncode == 0, tolerant.stderr[-3000:]
+  named = re.findall(r"training example (\S+): cannot decode image .*; the next example of "
+                     "the stream takes its place", tolerant.stderr)
+  assert named and set(named) <= set(damaged)
+  counted = [r["input/undecodable"] for r in metrics_lib.read_jsonl(str(tmp_path / "tolerant"))
+             if "input/undecodable" in r]
+  # 6 log lines over 12 steps of 16 examples, one in 8 of them damaged.
+  assert len(counted) == 6 and 10 < sum(counted) < 40
+  strict = launch(str(tmp_path / "strict"), "tests/tiny_config.py:kind=clip", data_dir=damaged_dir)
+  assert strict.returncode == 2
+  errors = [line for line in strict.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "could not be decoded, more than config.input.max_undecodable=10" \
+      in errors[0], strict.stderr[-2000:]
+  assert "Traceback" not in strict.stderr

@@ -14,6 +14,7 @@ import sys
 import zlib
 from typing import Any, Callable, Sequence
 
+from absl import logging
 import grain
 import jax
 import numpy as np
@@ -165,18 +166,67 @@ def pick_text(value, rng: np.random.Generator | None = None) -> str:
   return value.decode() if isinstance(value, bytes) else str(value)
 
 
+# A training example whose image failed to decode, as the tolerant transform returns it.
+UNDECODABLE = "__undecodable__"
+# Consecutive undecodable examples of one stream after which a batch cannot be filled.
+MAX_UNDECODABLE_RUN = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tolerant:
+  """`transform`, but an image that fails to decode gives a marker (and a warning naming the
+  example) instead of an exception, for `_NextDecodable` to replace."""
+  transform: Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]
+
+  def __call__(self, example, rng):
+    try:
+      return self.transform(example, rng)
+    except preprocess.CorruptImageError as e:
+      logging.warning("training %s; the next example of the stream takes its place", e)
+      return {UNDECODABLE: str(e)}
+
+
+class _NextDecodable(grain.MapDataset):
+  """Element i of the parent, or, when its image failed to decode, the first decodable one
+  after it (a deterministic choice: a resumed run reads the same examples). Each element
+  carries `undecodable`: 1 where it stands in for a failed example, else 0."""
+
+  def __init__(self, parent: grain.MapDataset):
+    super().__init__(parent)
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    for k in range(MAX_UNDECODABLE_RUN):
+      element = self._parent[index + k]
+      if UNDECODABLE not in element:
+        return {**element, "undecodable": np.int32(k > 0)}
+    raise preprocess.CorruptImageError(
+        f"{MAX_UNDECODABLE_RUN} training examples in a row could not be decoded (the last: "
+        f"{element[UNDECODABLE]}); is the dataset readable?")
+
+
 class GlobalPositionIterator(grain.DatasetIterator):
   """This process's rows of successive global batches; checkpointable.
 
   Its state is the global stream position (examples consumed by all processes together), the
   same on every process: any process's checkpoint resumes any layout of processes and batch
-  sizes at exactly the next example.
+  sizes at exactly the next example. It also keeps `undecodable`, the count of examples so far
+  that failed to decode (over all processes; the training loop adds to it).
   """
 
   def __init__(self, build: Callable[[int], Any], global_size: int):
     super().__init__()
     self._build, self._global_size = build, global_size
     self._position, self._iterator = 0, None
+    self.undecodable = 0
+
+  @property
+  def position(self) -> int:
+    return self._position
 
   def __next__(self):
     if self._iterator is None:
@@ -186,11 +236,12 @@ class GlobalPositionIterator(grain.DatasetIterator):
     return batch
 
   def get_state(self) -> dict[str, Any]:
-    return {"global_position": self._position}
+    return {"global_position": self._position, "undecodable": self.undecodable}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self.close()
     self._position = int(state["global_position"])
+    self.undecodable = int(state.get("undecodable", 0))  # Absent before it was counted.
 
   def close(self) -> None:
     if self._iterator is not None and hasattr(self._iterator, "close"):
@@ -204,11 +255,14 @@ def train_iterator(components: Sequence[tuple[Any, Callable, float]], rows: Rows
 
   Each component is shuffled (afresh every epoch) and augmented with randomness drawn per
   position; with several, they are interleaved deterministically in proportion to the weights.
+  An example whose image fails to decode is replaced by the next decodable one of its stream;
+  batches say how many of their rows were (`undecodable`), for the loop to count.
   """
   streams = []
   for i, (source, transform, _) in enumerate(components):
     ds = grain.MapDataset.source(source).seed(seed + 1000 * i).shuffle().repeat()
-    streams.append(ds.random_map(transform))  # Seeded by position: process-count free.
+    ds = ds.random_map(_Tolerant(transform))  # Seeded by position: process-count free.
+    streams.append(_NextDecodable(ds))
   if len(streams) == 1:
     mixed = streams[0]
   else:

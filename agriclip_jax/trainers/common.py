@@ -67,6 +67,11 @@ def base_config() -> ml_collections.ConfigDict:
       std=preprocess.CLIP_STD,
       num_threads=8,
       worker_count=0,  # >0: decode in that many worker processes.
+      # A training image that fails to decode is replaced by the next example (and named in a
+      # warning); the run stops once more than this many plus this share of the examples read
+      # have failed.
+      max_undecodable=10,
+      max_undecodable_rate=0.001,
   )
   config.optim = dict(
       name="adamw", lr=1e-3, schedule="cosine", warmup_steps=0, end_lr_factor=0.0,
@@ -108,7 +113,9 @@ def check_values(config) -> None:
                   "checkpoint_every": config.checkpoint_every,
                   "eval_batch_size": config.eval_batch_size,
                   "input.num_threads": config.input.num_threads,
-                  "input.worker_count": config.input.worker_count}
+                  "input.worker_count": config.input.worker_count,
+                  "input.max_undecodable": config.input.max_undecodable,
+                  "input.max_undecodable_rate": config.input.max_undecodable_rate}
   for name, value in positive.items():
     if value < 1:
       raise config_lib.ConfigError(f"config.{name} must be at least 1; got {value}")
@@ -121,12 +128,13 @@ def check_values(config) -> None:
 
 
 # Fields a resumed run may change without changing its course: how often it logs, evaluates
-# and saves, what it evaluates, where data lives, how it is laid out on devices, and what only a
-# run's start reads (init, requires). Dotted names; a name covers the fields below it.
+# and saves, what it evaluates, where data lives, how it is laid out on devices, how many
+# undecodable images it tolerates, and what only a run's start reads (init, requires). Dotted names; a name covers the fields below it.
 RESUME_NEUTRAL = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "evals",
                   "eval_batch_size", "input.data_dir", "input.num_threads",
-                  "input.worker_count", "mesh", "sharding_rules", "fsdp_min_size", "init",
-                  "requires", "allow_config_change")
+                  "input.worker_count", "input.max_undecodable", "input.max_undecodable_rate",
+                  "mesh", "sharding_rules", "fsdp_min_size", "init", "requires",
+                  "allow_config_change")
 
 
 def save_config(config, workdir: str) -> None:

@@ -11,6 +11,10 @@
   otherwise be saved, and every re-run would resume into NaN.
 - SIGTERM (single process) or JAX's preemption sync point (multi-process) saves a checkpoint
   and stops with `Preempted`.
+- Counts the training examples whose image failed to decode (the input pipeline replaced each
+  with the next decodable one, and named it in a warning): `input/undecodable` per log
+  interval, the total kept with the data iterator's state; more than `input.max_undecodable`
+  plus `input.max_undecodable_rate` of the examples read stops the run.
 - At the last step it evaluates, checkpoints and writes `summary.json`; a run whose summary is
   already at the last step ends at once (`finished_summary`).
 """
@@ -26,6 +30,7 @@ from typing import Any, Callable, Iterator
 from absl import logging
 from clu import periodic_actions
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import numpy as np
 
@@ -34,6 +39,7 @@ from agriclip_jax import config_lib
 from agriclip_jax import metrics as metrics_lib
 from agriclip_jax import optim
 from agriclip_jax import sharding
+from agriclip_jax.input import datasets
 from agriclip_jax.pytree import path_str
 from agriclip_jax.trainers import state as state_lib
 
@@ -117,6 +123,11 @@ class Loop:
   evaluators: list  # [(name, every, evaluator)]
   writer: metrics_lib.Writer
 
+  def __post_init__(self):
+    self._undecodable = []  # Each step's count of undecodable examples (device), unread.
+    self._undecodable_since_log = None  # None: the batches do not count them.
+    self._global_sum = jax.jit(jnp.sum)
+
   def _restore_or_init(self, checkpoints: checkpointing.Checkpoints):
     latest = checkpoints.restorable_step()
     if latest is not None:
@@ -171,7 +182,7 @@ class Loop:
           raise Preempted(f"stopped by SIGTERM at step {step}; checkpoint saved in "
                           f"{checkpoints.directory}; run the same command to resume")
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-          batch = sharding.global_batch(next(self.train_iter), self.batch_sharding)
+          batch = self._next_batch()
           state, step_metrics = self.train_step(state, batch)
         step += 1
         # Check the previous step while this one runs: the device never waits for the host.
@@ -199,6 +210,35 @@ class Loop:
       checkpoints.close()
       self.writer.flush()
 
+  def _next_batch(self):
+    local = next(self.train_iter)
+    undecodable = local.pop("undecodable", None)
+    if undecodable is not None:  # Summed over all processes' rows: every process agrees.
+      self._undecodable.append(self._global_sum(
+          sharding.global_batch(undecodable, self.batch_sharding)))
+      if self._undecodable_since_log is None:
+        self._undecodable_since_log = 0
+    return sharding.global_batch(local, self.batch_sharding)
+
+  def _count_undecodable(self, step: int) -> None:
+    """Adds the undecodable examples of the steps since the last count to the iterator's total;
+    DatasetError when the total passes the configured limit."""
+    count = sum(int(n) for n in self._undecodable)
+    self._undecodable = []
+    if not count:
+      return
+    self._undecodable_since_log += count
+    self.train_iter.undecodable += count
+    total, read = self.train_iter.undecodable, self.train_iter.position
+    limits = self.config.input
+    if total > limits.max_undecodable + limits.max_undecodable_rate * read:
+      raise datasets.DatasetError(
+          f"{total} of the {read} training examples read by step {step} could not be decoded, "
+          f"more than config.input.max_undecodable={limits.max_undecodable} + "
+          f"max_undecodable_rate={limits.max_undecodable_rate} of them; stopped (the warnings "
+          f"above name them; checkpoints are kept in {self.workdir}/checkpoints, and a run with "
+          "higher limits resumes)")
+
   def _check(self, unchecked) -> None:
     for step, step_metrics in unchecked:
       for key in ("loss", "grad_norm"):
@@ -220,12 +260,18 @@ class Loop:
           f"the state to save at step {step} holds NaN or infinite values ({bad[0]}{more}); "
           f"not saved, stopped. Checkpoints before this step are kept in "
           f"{self.workdir}/checkpoints")
+    self._count_undecodable(step)  # The iterator's state holds the total.
     checkpoints.save(step, state, self.train_iter)
 
   def _log(self, step: int, since_log) -> None:
-    """Writes the mean of each metric over the steps since the last log line."""
-    self.writer.write(step, {k: np.mean([float(m[k]) for m in since_log])
-                             for k in since_log[-1]})
+    """Writes the mean of each metric over the steps since the last log line, and the count of
+    undecodable examples in them."""
+    self._count_undecodable(step)
+    metrics = {k: np.mean([float(m[k]) for m in since_log]) for k in since_log[-1]}
+    if self._undecodable_since_log is not None:
+      metrics["input/undecodable"] = self._undecodable_since_log
+      self._undecodable_since_log = 0
+    self.writer.write(step, metrics)
 
   def _summarize(self, step: int, results: dict[str, float]) -> dict[str, Any]:
     summary = {"step": step, **{k: float(v) for k, v in results.items()}}
