@@ -11,11 +11,19 @@ Once a save is complete, process 0 writes `verified.json` into its step director
 against it, so a truncated, deleted or overwritten file is found before Orbax reads it (a
 deep traceback, or worse, garbage parameters loaded silently); a checkpoint that fails is
 renamed `<step>.damaged` and the one before it is tried.
+
+A save that cannot be written (the disk is full, a quota or file-size limit is hit, the
+directory became read-only) stops the run with `CheckpointWriteError`: one line naming the
+checkpoint, the cause and the newest intact checkpoint left. Before each save every process
+checks that its file system has room for its share of the state, so a full disk is found
+before Orbax starts writing.
 """
 
 import dataclasses
 import json
 import os
+import re
+import shutil
 from typing import Any
 import zlib
 
@@ -31,6 +39,35 @@ from agriclip_jax.pytree import path_str
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint does not fit the model/optimizer the config describes."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (full disk, quota, read-only file system)."""
+
+
+def write_cause(error: BaseException) -> str | None:
+  """The operating system's reason when `error` (Orbax's, or tensorstore's inside it) is a
+  failed write; None for any other error."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno:
+      return os.strerror(error.errno)
+    code = re.search(r"os_error_code='?(\d+)", str(error))
+    if code:
+      return os.strerror(int(code.group(1)))
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _process_bytes(state) -> int:
+  """Bytes this process writes for `state`: its addressable shards, one per replica set."""
+  total = 0
+  for leaf in jax.tree.leaves(state):
+    if isinstance(leaf, jax.Array):
+      total += sum(shard.data.nbytes for shard in leaf.addressable_shards
+                   if shard.replica_id == 0)
+    else:
+      total += np.asarray(leaf).nbytes
+  return total
 
 
 class _DataHandler(grain.checkpoint.CheckpointHandler):
@@ -134,6 +171,7 @@ class Checkpoints:
   def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self._unverified = []  # Steps saved (maybe still being written) without a manifest yet.
+    self._failed = False  # A save failed to write: nothing more is written or waited for.
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -148,8 +186,39 @@ class Checkpoints:
     if data_iterator is not None:
       items["data"] = _DataSave(data_iterator)
     self.wait()  # Orbax's save would wait for the previous one anyway.
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._check_space(step, _process_bytes(state))
     self._unverified.append(step)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise self._write_error(step, e) from None
+
+  def _check_space(self, step: int, needed: int) -> None:
+    """CheckpointWriteError, on every process, unless each has room for its part of `step`."""
+    free = shutil.disk_usage(self.directory).free
+    short = np.int32(free < needed)
+    if jax.process_count() > 1:
+      short = np.max(multihost_utils.process_allgather(short))
+    if short:
+      mine = (f"it needs about {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free"
+              if free < needed else "another process's disk is full")
+      raise CheckpointWriteError(
+          f"not enough space to write checkpoint {self.directory}/{step} ({mine}); "
+          f"{self._intact_left(step)}. Free some space and run again to resume")
+
+  def _intact_left(self, failed: int) -> str:
+    steps = [s for s in self.manager.all_steps() if s != failed]
+    return (f"the newest intact checkpoint is {self.directory}/{max(steps)}" if steps
+            else "no earlier checkpoint exists")
+
+  def _write_error(self, step: int, error: Exception) -> Exception:
+    """`error` as a one-line CheckpointWriteError when it is a failed write, else itself."""
+    cause = write_cause(error)
+    if cause is None:
+      return error
+    self._failed = True
+    return CheckpointWriteError(f"writing checkpoint {self.directory}/{step} failed: {cause}; "
+                                f"{self._intact_left(step)}")
 
   def restorable_step(self) -> int | None:
     """The newest step whose checkpoint passes verification, after moving aside (renaming to
@@ -203,7 +272,12 @@ class Checkpoints:
 
   def wait(self) -> None:
     """Waits for the saves in flight, then writes their manifests (process 0)."""
-    self.manager.wait_until_finished()
+    if self._failed:  # Orbax would raise the same failure again.
+      return
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise self._write_error(self._unverified[-1] if self._unverified else -1, e) from None
     for step in self._unverified:
       step_dir = os.path.join(self.directory, str(step))
       if jax.process_index() == 0 and os.path.isdir(step_dir):  # Not deleted by max_to_keep.
@@ -212,7 +286,8 @@ class Checkpoints:
 
   def close(self) -> None:
     self.wait()
-    self.manager.close()
+    if not self._failed:  # Closing waits on the failed writes and raises again.
+      self.manager.close()
 
 
 def mismatch(what: str, problems: list[str]) -> CheckpointMismatchError:

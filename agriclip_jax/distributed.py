@@ -6,6 +6,7 @@ launch.py` inside an sbatch script is one process, whatever the allocation.
 """
 
 import os
+import sys
 
 from absl import logging
 import jax
@@ -47,16 +48,30 @@ def hide_accelerators_from_tensorflow() -> None:
 
 
 def quiet_library_logs() -> None:
-  """INFO lines from this project and CLU (metrics, progress); others from WARNING up."""
+  """INFO lines from this project and CLU (metrics, progress); others from WARNING up, except
+  the tracebacks Orbax's background threads log for a failed checkpoint write (the save
+  raises that failure again, and `checkpointing` reports it in one line)."""
   import logging as std_logging  # pylint: disable=g-import-not-at-top
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  from agriclip_jax import checkpointing  # pylint: disable=g-import-not-at-top
 
   def keep(record) -> bool:
     path = record.pathname.replace("\\", "/")
+    if record.exc_info and checkpointing.write_cause(record.exc_info[1]):
+      return False
     return (record.levelno >= std_logging.WARNING or "/agriclip_jax/" in path
             or "/clu/" in path or path.endswith("launch.py"))
 
   absl_logging.get_absl_handler().addFilter(keep)
+  # When a write fails, tensorstore's other writes still call back into Orbax's event loop,
+  # which is closed by then: each prints "Event loop is closed" as an unraisable exception.
+  default_hook = sys.unraisablehook
+
+  def unraisable(info) -> None:
+    if not (info.exc_type is RuntimeError and str(info.exc_value) == "Event loop is closed"):
+      default_hook(info)
+
+  sys.unraisablehook = unraisable
 
 
 def exists_everywhere(path: str) -> bool:

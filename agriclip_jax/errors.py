@@ -1,6 +1,6 @@
 """Errors that mean "the input is wrong", which the launcher reports as one line."""
 
-from agriclip_jax.checkpointing import CheckpointMismatchError
+from agriclip_jax.checkpointing import CheckpointMismatchError, CheckpointWriteError
 from agriclip_jax.config_lib import ConfigError
 from agriclip_jax.input.datasets import DatasetError
 from agriclip_jax.input.preprocess import CorruptImageError
@@ -10,6 +10,7 @@ from data.builder_utils import InputError
 
 __all__ = ["ConfigError", "Preempted", "USER_ERRORS"]
 
-USER_ERRORS = (CheckpointMismatchError, ConfigError, CorruptImageError, DatasetError,
-               InputError, NonFiniteError, FileNotFoundError, WorkdirError, WorkdirInUseError)
+USER_ERRORS = (CheckpointMismatchError, CheckpointWriteError, ConfigError, CorruptImageError,
+               DatasetError, InputError, NonFiniteError, FileNotFoundError, WorkdirError,
+               WorkdirInUseError)
 

@@ -32,7 +32,7 @@ def data_dir(tmp_path_factory) -> str:
 
 
 def launch(workdir, config="tests/tiny_config.py:kind=clip", *overrides, data_dir=None,
-           devices=1, background=False, timeout=600, extra_env=None):
+           devices=1, background=False, timeout=600, extra_env=None, preexec_fn=None):
   """Runs launch.py in a subprocess (own device count); returns CompletedProcess or Popen."""
   env = dict(os.environ, PYTHONUNBUFFERED="1",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
@@ -43,6 +43,6 @@ def launch(workdir, config="tests/tiny_config.py:kind=clip", *overrides, data_di
          f"--workdir={workdir}", *overrides]
   if background:
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn)
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=timeout)
+                        timeout=timeout, preexec_fn=preexec_fn)

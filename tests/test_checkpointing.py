@@ -126,3 +126,36 @@ def test_data_state_restores_when_the_process_count_changed(tmp_path):
       3, checkpointing.abstract(state, jax.tree.map(lambda x: x.sharding, state)), resumed)
   assert int(restored["step"]) == 7
   np.testing.assert_array_equal(next(resumed)["x"], expected)
+
+
+def test_a_save_without_room_is_refused_naming_the_intact_checkpoint(tmp_path, monkeypatch):
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 4)])
+  state, _ = _state(mesh, width=64)
+  needed = checkpointing._process_bytes(state)  # pylint: disable=protected-access
+  # 64x4 kernel split over fsdp (each shard once), a bias, step and rng: no replica twice.
+  assert needed == 64 * 4 * 4 + 3 * 4 + 4 + 2 * 4
+  checkpoints = checkpointing.Checkpoints(str(tmp_path))
+  checkpoints.save(4, state, _iterator())
+  checkpoints.wait()
+  usage = checkpointing.shutil.disk_usage(str(tmp_path))
+  monkeypatch.setattr(checkpointing.shutil, "disk_usage",
+                      lambda path: usage._replace(free=needed - 1))
+  with pytest.raises(checkpointing.CheckpointWriteError,
+                     match=rf"not enough space to write checkpoint {tmp_path}/8 \(it needs "
+                     rf"about 0.0 MiB, 0.0 MiB are free\); the newest intact checkpoint is "
+                     rf"{tmp_path}/4\."):
+    checkpoints.save(8, state, _iterator())
+  checkpoints.close()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["4"]  # Nothing half-written.
+
+
+def test_write_failures_are_recognised_by_their_os_error():
+  tensorstore = ValueError('OUT_OF_RANGE: Error writing "params.x/0" in OCDBT database: Failed '
+                           "to write 64169 bytes to file 11: No space left on device "
+                           "[os_error_code='28']")
+  wrapped = RuntimeError("commit failed")
+  wrapped.__cause__ = tensorstore
+  assert checkpointing.write_cause(wrapped) == "No space left on device"
+  assert checkpointing.write_cause(OSError(30, "Read-only file system")) == \
+      "Read-only file system"
+  assert checkpointing.write_cause(ValueError("shapes do not match")) is None

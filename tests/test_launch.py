@@ -358,3 +358,27 @@ def test_undecodable_training_images_are_replaced_counted_and_limited(data_dir, 
   assert len(errors) == 1 and "could not be decoded, more than config.input.max_undecodable=10" \
       in errors[0], strict.stderr[-2000:]
   assert "Traceback" not in strict.stderr
+
+
+def _file_size_limit(limit_bytes):
+  """For a child process: writes past `limit_bytes` in any one file fail with EFBIG (as on a
+  full disk a write fails with ENOSPC), instead of killing the process."""
+  import resource  # pylint: disable=g-import-not-at-top
+
+  def apply():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+  return apply
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line(data_dir, tmp_path):
+  result = launch(str(tmp_path), "tests/tiny_config.py:kind=clip", "--config.total_steps=8",
+                  "--config.checkpoint_every=4", data_dir=data_dir,
+                  preexec_fn=_file_size_limit(60 * 1024))
+  assert result.returncode == 2
+  assert result.stderr.count("\nerror:") + result.stderr.startswith("error:") == 1
+  [error] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert error == (f"error: writing checkpoint {tmp_path}/checkpoints/4 failed: File too large; "
+                   "no earlier checkpoint exists"), result.stderr[-3000:]
+  assert "Traceback" not in result.stderr and "Error writing" not in result.stderr
