@@ -2,6 +2,8 @@
 
 import glob
 
+import numpy as np
+
 import ml_collections
 import pytest
 
@@ -102,3 +104,48 @@ def test_resuming_accepts_fields_added_to_the_code_since_but_not_changed_ones(tm
   config.total_steps = 7
   with pytest.raises(config_lib.ConfigError, match="total_steps: 1000 -> 7"):
     common.save_config(config, str(tmp_path))
+
+
+def _abstract_params(config):
+  """The parameter shapes of a config's model, as its trainer builds it (nothing allocated)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from agriclip_jax.models import classifier, dino, two_towers  # pylint: disable=g-import-not-at-top
+  size = config.input.image_size
+  if config.trainer in ("contrastive", "ssl_contrastive"):
+    model = two_towers.make(config.model, vocab_size=config.tokenizer.vocab_size)
+    args = (jnp.zeros((1, size, size, 3)), jnp.zeros((1, config.tokenizer.max_len), jnp.int32))
+  elif config.trainer == "supervised":
+    model, args = classifier.make(config.model, 1000), (jnp.zeros((1, size, size, 3)),)
+  else:
+    size = config.dino.global_size
+    model, args = dino.make(config.model), (jnp.zeros((1, size, size, 3)),)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), *args)["params"])
+
+
+# Full-size recipes: (config, image tower size in millions of parameters as the ViT paper
+# gives it (B/16: 86, L/16: 307), which parameters train).
+RECIPES = [
+    ("configs/alive_clip.py", 86, "all"),
+    ("configs/alive_lit.py", 86, "lit"),
+    ("configs/inat21_lit.py", 307, "lit"),
+    ("configs/image_pretrain.py", 86, "all"),
+    ("configs/alive_dino.py", 86, "all"),
+    ("configs/alive_ssl_contrastive.py", 86, "all"),
+]
+@pytest.mark.parametrize("spec,millions,trains", RECIPES, ids=[r[0] for r in RECIPES])
+def test_full_size_recipes_build_their_models_and_their_rules_fit(spec, millions, trains):
+  from agriclip_jax import optim  # pylint: disable=g-import-not-at-top
+  from agriclip_jax.pytree import flatten  # pylint: disable=g-import-not-at-top
+  config = config_lib.load(spec)
+  params = flatten(_abstract_params(config))
+  image = sum(int(np.prod(v.shape)) for k, v in params.items() if k.startswith("img/"))
+  assert image / 1e6 == pytest.approx(millions, rel=0.02)
+  labels = optim.param_labels(params, config.optim.rules)
+  frozen = sorted(k for k, label in labels.items() if label == optim.FROZEN)
+  if trains == "all":
+    assert not frozen
+  else:  # LiT: the image trunk is locked, its head, the text tower and the scale train.
+    assert frozen == sorted(k for k in params
+                            if k.startswith("img/") and not k.startswith("img/head/"))
+    assert any(k.startswith("img/head/") for k in params)

@@ -149,3 +149,72 @@ def test_adafactor_trains_and_keeps_factored_state():
     losses.append(float(metrics["loss"]))
   assert losses[-1] < 0.5 * losses[0]
   np.testing.assert_allclose(losses[0], first["loss"], rtol=1e-6)  # Same objective.
+
+
+def test_adafactor_keeps_row_and_column_statistics_of_large_matrices_only():
+  """A 256x384 kernel's second moments are a 256-row and a 384-column vector (not 256x384
+  numbers, as Adam keeps twice), and they are those of the squared gradient."""
+  params = {"w": {"kernel": jnp.zeros((256, 384))}, "b": {"bias": jnp.zeros((384,))}}
+  tx, _, _ = optim.make(_config(name="adafactor", rules=[(".*", {})], weight_decay=0.0),
+                        params, total_steps=10)
+  grads = {"w": {"kernel": jnp.asarray(np.random.default_rng(2).normal(size=(256, 384)),
+                                       jnp.float32)},
+           "b": {"bias": jnp.ones((384,))}}
+  _, opt_state = tx.update(grads, tx.init(params), params)
+  [factored] = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "v_row"))
+                if hasattr(s, "v_row")]
+  shapes = {k: [x.shape for x in jax.tree.leaves(getattr(factored, k))]
+            for k in ("v_row", "v_col", "v")}
+  assert sorted(shapes["v_row"]) == [(1,), (256,)] and sorted(shapes["v_col"]) == [(1,), (384,)]
+  assert sorted(shapes["v"]) == [(1,), (384,)]  # A full moment only for the vector.
+  state_size = sum(x.size for x in jax.tree.leaves(opt_state))
+  assert state_size < 2000  # Adam: 2 * (256 * 384 + 384) = 197,376 numbers.
+  g2 = np.asarray(grads["w"]["kernel"], np.float64) ** 2
+  row = [x for x in jax.tree.leaves(factored.v_row) if x.shape == (256,)][0]
+  col = [x for x in jax.tree.leaves(factored.v_col) if x.shape == (384,)][0]
+  # After one step the running means hold (1 - decay) times the gradient's row/column means
+  # (plus a tiny epsilon); their ratio is the same at every row and column.
+  np.testing.assert_allclose(np.asarray(row) / np.asarray(row)[0],
+                             g2.mean(1) / g2.mean(1)[0], rtol=1e-3)
+  np.testing.assert_allclose(np.asarray(col) / np.asarray(col)[0],
+                             g2.mean(0) / g2.mean(0)[0], rtol=1e-3)
+
+
+def test_lit_skips_the_locked_towers_backward_pass():
+  """Freezing must remove the image trunk's backward pass from the compiled step, not compute
+  it and drop the result: the step's FLOPs fall by the trunk's weight gradient, a matmul as
+  large as its forward one (its input is data, so no input gradient is needed either way)."""
+  rng = np.random.default_rng(0)
+  f = lambda *shape: jnp.asarray(rng.normal(size=shape) * 0.05, jnp.float32)
+  params = {"img": {"trunk": {"kernel": f(512, 512)}, "head": {"kernel": f(512, 16)}},
+            "txt": {"head": {"kernel": f(32, 16)}}}
+  batch = {"image": f(256, 512), "text": f(256, 32)}
+
+  def objective(p, b, rng):
+    del rng
+    img = jnp.tanh(b["image"] @ p["img"]["trunk"]["kernel"]) @ p["img"]["head"]["kernel"]
+    return jnp.mean((img - b["text"] @ p["txt"]["head"]["kernel"]) ** 2), {}
+
+  def step_flops(rules, mask_instead=False):
+    tx, labels, lr = optim.make(_config(rules=[(".*", {})] if mask_instead else rules), params,
+                                total_steps=10)
+    step = common.train_step(objective, tx, labels, lr)
+    if mask_instead:  # Gradients for everything, the trunk's update zeroed afterwards.
+      masked = optax.chain(optax.masked(optax.set_to_zero(), lambda t: {
+          "img": {"trunk": {"kernel": True}, "head": {"kernel": False}},
+          "txt": {"head": {"kernel": False}}}), tx)
+      step = common.train_step(objective, masked, labels, lr)
+      tx = masked
+    trainable, _ = optim.split(params, labels)
+    state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(trainable),
+             "rng": jax.random.key_data(jax.random.key(0))}
+    return jax.jit(step).lower(state, batch).compile().cost_analysis()["flops"]
+
+  trunk_forward = 2 * 256 * 512 * 512
+  trained, locked = step_flops([(".*", {})]), step_flops(LIT_RULES_TRUNK)
+  masked = step_flops(None, mask_instead=True)
+  assert trained - locked > 0.95 * trunk_forward  # The trunk's dW is not computed...
+  assert masked - locked > 0.95 * trunk_forward  # ...which masking its update would not save.
+
+
+LIT_RULES_TRUNK = [("img/head/.*", {}), ("img/.*", None), (".*", {})]
