@@ -24,13 +24,18 @@ class ConfigError(ValueError):
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """"demo,img=B/16" -> ConfigDict(demo=True, img="B/16", ...) typed like `defaults`."""
-  options = dict(defaults)
+  options, previous = dict(defaults), None
   for item in filter(None, (arg or "").split(",")):
     key, has_value, value = item.partition("=")
     key = key.strip()
     if key not in defaults:
+      hint = ""
+      if not has_value and previous is not None and "=" in previous:
+        hint = (f" (it follows {previous!r}: options are split at commas, so a value cannot "
+                "hold one; the config's docstring says how to give several, e.g. a+b)")
       raise ConfigError(f"unknown config option {key!r}{_did_you_mean(key, defaults)}; "
-                        f"options: {sorted(defaults)}")
+                        f"options: {sorted(defaults)}{hint}")
+    previous = item
     default = defaults[key]
     if not has_value:
       if not isinstance(default, bool):

@@ -306,10 +306,15 @@ def test_inat_malformed_records_are_skipped_one_line_each(tmp_path, caplog):
   val["images"][5]["id"] = None
   val["annotations"][3]["category_id"] = 99
   train["images"][0] = "junk"
+  first, second = val["images"][0], val["images"][1]
+  val["images"] += [dict(first, id=9001), dict(second, file_name="val/elsewhere.jpg")]
   (raw / "val.json").write_text(json.dumps(val))
   (raw / "train_mini.json").write_text(json.dumps(train))
   with caplog.at_level(logging.WARNING):
     _, report = prepare.prepare("inaturalist2021_text", str(raw), str(tmp_path / "tfds"))
+  repeated = [i["item"] for i in report["skipped"]["duplicate record"]["items"]]
+  assert repeated == [f"{raw}/val.json images (id 9001, {first['file_name']!r})",
+                      f"{raw}/val.json images (id {second['id']}, 'val/elsewhere.jpg')"]
   malformed = [(i["item"], i["detail"]) for i in report["skipped"]["malformed record"]["items"]]
   assert malformed == [
       (f"{raw}/train_mini.json images[0]", "not an object but str"),

@@ -23,6 +23,10 @@ def test_parse_arg_types_and_errors():
     config_lib.parse_arg("batch=big", batch=0)
   with pytest.raises(config_lib.ConfigError, match="needs a value"):
     config_lib.parse_arg("batch", batch=0)
+  with pytest.raises(config_lib.ConfigError, match=r"unknown config option 'banana'; options: "
+                     r".* \(it follows 'tasks=cow': options are split at "
+                     r"commas, so a value cannot hold one; .* e.g. a\+b\)"):
+    config_lib.load("configs/eval_suite.py:tasks=cow,banana")
 
 
 def _demo():

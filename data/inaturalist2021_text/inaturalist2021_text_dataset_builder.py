@@ -182,7 +182,8 @@ class _SplitIndex:
   """One annotation file streamed into SQLite: images, their categories, the categories.
 
   A malformed image or annotation record (a field missing or of the wrong type) is skipped,
-  listed in the build report by file and position (`val.json annotations[3]`) and logged.
+  listed in the build report by file and position (`val.json annotations[3]`) and logged; so
+  is an image record repeating an earlier one's id or file name (the first is kept).
   """
 
   def __init__(self, json_path: str, scratch: str, report: builder_utils.Report, split: str):
@@ -211,12 +212,12 @@ class _SplitIndex:
       elif key == "categories":
         self.categories.append(item)
       if len(images) >= 50_000:
-        self.db.executemany("INSERT INTO images (id, file_name) VALUES (?, ?)", images)
+        self._insert_images(images, json_path, report, split)
         images = []
       if len(annotations) >= 50_000:
         self.db.executemany("INSERT OR REPLACE INTO annotations VALUES (?, ?)", annotations)
         annotations = []
-    self.db.executemany("INSERT INTO images (id, file_name) VALUES (?, ?)", images)
+    self._insert_images(images, json_path, report, split)
     self.db.executemany("INSERT OR REPLACE INTO annotations VALUES (?, ?)", annotations)
     self.db.commit()
     if bad > LOGGED_BAD_RECORDS:
@@ -233,6 +234,22 @@ class _SplitIndex:
         raise builder_utils.InputError(f"{json_path} categories[{i}]: category "
                                        f"{category.get('id')} lacks fields {missing}")
     self.categories.sort(key=lambda c: c["id"])
+
+  def _insert_images(self, images, json_path: str, report, split: str) -> None:
+    """Adds (id, file_name) records; each repeating a stored id or file name is reported."""
+    inserted = self.db.executemany(
+        "INSERT OR IGNORE INTO images (id, file_name) VALUES (?, ?)", images).rowcount
+    if inserted == len(images):
+      return
+    kept = set()  # Records found stored: the first of each stays, later equal ones repeat it.
+    for image_id, file_name in images:
+      row = self.db.execute("SELECT file_name FROM images WHERE id = ?", (image_id,)).fetchone()
+      if row is not None and row[0] == file_name and image_id not in kept:
+        kept.add(image_id)
+        continue
+      record = f"{json_path} images (id {image_id}, {file_name!r})"
+      report.skip(split, "duplicate record", record, "repeats an earlier image's id or file name")
+      logging.warning("%s repeats an earlier image's id or file name; skipped", record)
 
   def _lookup(self):
     return ("SELECT images.id, annotations.category_id FROM images LEFT JOIN annotations "
