@@ -40,7 +40,7 @@ def main(argv=None) -> int:
                                  tokenizer=args.tokenizer)
     if args.texts:
       try:
-        with open(args.texts, encoding="utf-8") as f:
+        with open(args.texts, encoding="utf-8-sig") as f:  # A leading BOM is not text.
           names = [line.rstrip("\n") for line in f if line.strip()]
       except UnicodeDecodeError as e:
         raise errors.ConfigError(f"{args.texts} is not UTF-8 text ({e.reason})") from None

@@ -259,8 +259,10 @@ def test_embed_cli_writes_embeddings_and_their_order(runs_dir, photos, tmp_path)
   assert vectors.shape == (4, 32) and len(names) == 4
   np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
   texts = tmp_path / "t.txt"
-  texts.write_text("a photo of a red spotted leaf.\na cow\n")
+  texts.write_text("\ufeffa photo of a red spotted leaf.\na cow\n")  # Notepad's BOM.
   result = _cli("agriclip_jax.embed", "--checkpoint", str(runs_dir / "lit"), "--out",
                 str(tmp_path / "t.npy"), "--texts", str(texts))
   assert result.returncode == 0, result.stderr[-3000:]
   assert np.load(tmp_path / "t.npy").shape == (2, 32)
+  assert (tmp_path / "t.txt").read_text(encoding="utf-8").splitlines() == [
+      "a photo of a red spotted leaf.", "a cow"]
