@@ -21,6 +21,16 @@ except ImportError:
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+# The slowest test files (minutes each on 2 cores), run first: the README's test command gives
+# each file to one worker, and a long file started last would run alone at the end.
+SLOW_FIRST = ("test_demos.py", "test_demo_lit.py", "test_agriclip.py", "test_eval_suite.py",
+              "test_launch.py", "test_multiprocess.py", "test_wise.py", "test_export.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # Stable in a file.
+
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> str:
@@ -46,3 +56,22 @@ def launch(workdir, config="tests/tiny_config.py:kind=clip", *overrides, data_di
                             stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn)
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=timeout, preexec_fn=preexec_fn)
+
+
+def run_demo(root, name: str, config: str):
+  """Runs a README demo as shipped, with a workdir relative to the repository root as in the
+  README's commands; returns (summary, CompletedProcess)."""
+  import json  # pylint: disable=g-import-not-at-top
+  result = launch(os.path.relpath(root / name, REPO), config, data_dir=str(root / "tfds"),
+                  timeout=1500)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(root, name, "summary.json")) as f:
+    return json.load(f), result
+
+
+def check_held_out_zero_shot(summary, result) -> None:
+  """A demo's zero-shot top-1 on its 12 held-out classes is at least 5x chance, and printed."""
+  chance = 1 / summary["heldout/num_classes"]
+  assert summary["heldout/num_classes"] == 12 and summary["heldout/num_examples"] == 600
+  assert summary["heldout/top1"] >= 5 * chance, summary
+  assert f"heldout: top-1 {summary['heldout/top1']:.4f} (chance 0.0833)" in result.stdout
