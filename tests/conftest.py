@@ -21,16 +21,6 @@ except ImportError:
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# The slowest test files (minutes each on 2 cores), run first: the README's test command gives
-# each file to one worker, and a long file started last would run alone at the end.
-SLOW_FIRST = ("test_demos.py", "test_demo_lit.py", "test_agriclip.py", "test_eval_suite.py",
-              "test_launch.py", "test_multiprocess.py", "test_wise.py", "test_export.py")
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # Stable in a file.
-
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> str:
