@@ -162,11 +162,11 @@ def test_batch_accuracy_counts_any_match():
 def test_text_targets_match_identical_token_rows_only():
   tokens = np.array([[5, 9, 2, 0], [5, 9, 2, 0], [9, 5, 2, 0], [5, 9, 2, 7], [5, 9, 2, 0]],
                     np.int32)
-  mask = np.asarray(contrastive.positives("texts", {"text": tokens}))
+  masks = contrastive.matches({"text": tokens, "label": np.array([0, 0, 1, 1, 2])})
+  mask = np.asarray(contrastive.positives("texts", masks))
   expected = (tokens[:, None, :] == tokens[None, :, :]).all(-1)
   np.testing.assert_array_equal(mask, expected)
-  fractions = contrastive.duplicate_fractions({"text": tokens, "label": np.array([0, 0, 1, 1,
-                                                                                  2])})
+  fractions = contrastive.duplicate_fractions(masks)
   np.testing.assert_allclose(fractions["targets/same_text_fraction"], 6 / 20)
   np.testing.assert_allclose(fractions["targets/same_label_fraction"], 4 / 20)
 
@@ -187,9 +187,10 @@ def test_label_targets_over_8_devices_equal_1_device(name, bias):
 
   def loss(zimg, ztxt, labels, tokens):
     batch = {"label": labels, "text": tokens}
-    out = {t: loss_fn(zimg, ztxt, 9.0, bias, contrastive.positives(t, batch), 0.8)[0]
+    masks = contrastive.matches(batch)
+    out = {t: loss_fn(zimg, ztxt, 9.0, bias, contrastive.positives(t, masks), 0.8)[0]
            for t in ("labels", "texts")}
-    return out, contrastive.duplicate_fractions(batch)
+    return out, contrastive.duplicate_fractions(masks)
 
   one = jax.jit(loss)(zimg, ztxt, labels, tokens)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))

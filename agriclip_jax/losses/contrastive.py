@@ -42,28 +42,41 @@ def same(keys: jax.Array) -> jax.Array:
   return jnp.all(keys[:, None, :] == keys[None, :, :], axis=-1)
 
 
-def positives(targets: str, batch: dict[str, jax.Array]) -> jax.Array | None:
-  """The [n, n] mask of matching pairs for `targets` (None: the diagonal, `pairs`)."""
-  if targets == "pairs":
-    return None
-  if targets == "labels":
-    return same(batch["label"])
-  if targets == "texts":
-    return same(text_keys(batch["text"]))
-  raise config_lib.ConfigError(
-      f"unknown config.loss_targets {targets!r}; expected one of {list(TARGETS)}")
-
-
-def duplicate_fractions(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Fraction of the batch's off-diagonal pairs sharing a label / an identical text: the pairs
-  the standard (`pairs`) losses treat as negatives although they match."""
+def matches(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """[n, n] bool masks of the pairs that match by a target other than `pairs`, for those the
+  batch can tell: "labels" (same `label`) and "texts" (identical `text` token rows)."""
   out = {}
-  for name, mask in (("label", lambda: same(batch["label"])),
-                     ("text", lambda: same(text_keys(batch["text"])))):
-    if name in batch:
-      mask = mask()
-      n = mask.shape[0]
-      out[f"targets/same_{name}_fraction"] = (jnp.sum(mask) - n) / max(n * (n - 1), 1)
+  if "label" in batch:
+    out["labels"] = same(batch["label"])
+  if "text" in batch:
+    out["texts"] = same(text_keys(batch["text"]))
+  return out
+
+
+def check_targets(targets: str, weight: float = 1.0) -> None:
+  if targets not in TARGETS:
+    raise config_lib.ConfigError(
+        f"config.loss_targets must be one of {list(TARGETS)}; got {targets!r}")
+  if not 0 <= weight <= 1:
+    raise config_lib.ConfigError(
+        f"config.loss_targets_weight must be between 0 and 1; got {weight}")
+
+
+def positives(targets: str, masks: dict[str, jax.Array]) -> jax.Array | None:
+  """The [n, n] mask of matching pairs for `targets` out of `matches(batch)` (None: the
+  diagonal, `pairs`)."""
+  check_targets(targets)
+  return None if targets == "pairs" else masks[targets]
+
+
+def duplicate_fractions(masks: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Fraction of the batch's off-diagonal pairs sharing a label / an identical text (from
+  `matches(batch)`): the pairs the standard (`pairs`) losses treat as negatives although they
+  match."""
+  out = {}
+  for targets, mask in masks.items():
+    n = mask.shape[0]
+    out[f"targets/same_{targets[:-1]}_fraction"] = (jnp.sum(mask) - n) / max(n * (n - 1), 1)
   return out
 
 

@@ -59,14 +59,15 @@ def make_objective(model, loss_name: str, normalize, targets: str = "pairs",
   """(params, batch, rng) -> (loss, metrics) for a two-tower model; `targets` (see
   losses.TARGETS) says which pairs of the batch match."""
   loss_fn = losses.get(loss_name)
-  check_targets(targets, targets_weight)
+  losses.check_targets(targets, targets_weight)
 
   def objective(params, batch, rng):
     zimg, ztxt, extras = model.apply({"params": params}, normalize(batch["image"]),
                                      batch["text"], train=True, rngs={"dropout": rng})
+    masks = losses.matches(batch)
     loss, metrics = loss_fn(zimg, ztxt, extras["logit_scale"], extras.get("logit_bias"),
-                            losses.positives(targets, batch), targets_weight)
-    metrics.update(losses.duplicate_fractions(batch))
+                            losses.positives(targets, masks), targets_weight)
+    metrics.update(losses.duplicate_fractions(masks))
     metrics["logit_scale"] = extras["logit_scale"]
     if "logit_bias" in extras:
       metrics["logit_bias"] = extras["logit_bias"]
@@ -75,15 +76,6 @@ def make_objective(model, loss_name: str, normalize, targets: str = "pairs",
     return loss, metrics
 
   return objective
-
-
-def check_targets(targets: str, weight: float) -> None:
-  if targets not in losses.TARGETS:
-    raise config_lib.ConfigError(
-        f"config.loss_targets must be one of {list(losses.TARGETS)}; got {targets!r}")
-  if not 0 <= weight <= 1:
-    raise config_lib.ConfigError(
-        f"config.loss_targets_weight must be between 0 and 1; got {weight}")
 
 
 def label_offsets(config, sources) -> list[int | None]:
