@@ -26,7 +26,7 @@ tells which): a timm / AugReg ViT, BioCLIP's image tower (its open_clip director
 Options: demo, img=<ViT variant>, txt=<text size>, batch=<global batch>, steps=<total steps>,
 head=<bool: trainable linear head on the locked tower>, inat=<weight of iNaturalist-2021 mixed
 into the training data, relative to ALive's 1; 0 = none>, tower=<family of an imported image
-tower: timm, clip, open_clip, siglip, dino, dinov2>, size=<image size>, registers=<register
+tower: timm, clip, open_clip, siglip, dino, dinov2, hf_vit>, size=<image size>, registers=<register
 tokens of the imported tower (DINOv2 with registers: 4)>.
 """
 

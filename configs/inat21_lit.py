@@ -18,7 +18,7 @@ neither the data nor the weights can be fetched on this project's machine.
 Options: img=<ViT variant>, size=<image px>, split=train|train_mini, text=<text type> (one of
 scientific, common, taxonomic, scientific_common, taxonomic_common, lit_species) or
 random (a random type per step), batch=<global batch>, steps=<total steps>,
-tower=<family of the locked tower: timm (default), clip, open_clip, siglip, dino, dinov2>.
+tower=<family of the locked tower: timm (default), clip, open_clip, siglip, dino, dinov2, hf_vit>.
 """
 
 from agriclip_jax import config_lib

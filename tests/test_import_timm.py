@@ -216,6 +216,28 @@ def test_dino_training_checkpoint_reads_the_teacher(tmp_path):
   _assert_close(np.asarray(ours), _dino_head_reference(head, x))
 
 
+def test_dino_at_another_resolution_resamples_its_grid_bicubically(tmp_path):
+  """DINO resizes its grid at run time with PyTorch's bicubic (by a scale factor with a +0.1
+  offset, no library to compare with): at 48 px our grid is PyTorch's bicubic resize to 6x6,
+  the forward equals timm's with that grid, and the checkpoint's own 4x4 grid is untouched."""
+  teacher = _timm_model(seed=1, num_classes=0, embed_dim=128, num_heads=2)
+  path = str(tmp_path / "checkpoint.pth")
+  torch.save({"teacher": {"backbone." + k: v for k, v in _state(teacher).items()}}, path)
+  checkpoint = importers.read(path, "dino")
+  original = checkpoint.params["img/pos_embedding"].copy()
+  assert original.shape == (1, 4, 4, 128)
+  grid = teacher.pos_embed.detach()[:, 1:].reshape(1, 4, 4, 128).permute(0, 3, 1, 2)
+  resized = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic",
+                                            align_corners=False)
+  bigger = _timm_model(seed=1, num_classes=0, embed_dim=128, num_heads=2, img_size=48)
+  state = _state(teacher)
+  state["pos_embed"] = torch.cat([state["pos_embed"][:, :1],
+                                  resized.permute(0, 2, 3, 1).reshape(1, 36, 128)], dim=1)
+  bigger.load_state_dict(state)
+  _assert_equal_timm(checkpoint, bigger, utils.random_images(2, 48, seed=2))
+  np.testing.assert_array_equal(checkpoint.params["img/pos_embedding"], original)
+
+
 def test_dino_backbone_file_is_timm_and_resnets_are_not_dino(tmp_path):
   """A released backbone (`dino_vits16_pretrain.pth`) is a bare timm state dict: "timm" by
   detection, and format="dino" reads it too. ResNet DINO files are not "dino"."""
@@ -344,6 +366,14 @@ def test_big_vision_npz_equals_timm_and_timm_loads_it(tmp_path, layout):
   _assert_close(_timm_features(reloaded, images, pre_logits=False),
                 _timm_features(model, images, pre_logits=False))
 
+  # At 48 px (4x4 -> 6x6 patches): timm's loader resizes the grid bilinearly; so does ours.
+  bigger = _timm_model(seed=5, img_size=48, act_layer="gelu_tanh", **options)
+  with torch.no_grad():
+    timm_vit._load_weights(bigger, path)  # pylint: disable=protected-access
+  original = checkpoint.params["img/pos_embedding"].copy()
+  _assert_equal_timm(checkpoint, bigger, utils.random_images(2, 48, seed=1))
+  np.testing.assert_array_equal(checkpoint.params["img/pos_embedding"], original)
+
 
 def test_big_vision_pre_logits_is_refused(tmp_path):
   model = _timm_model(act_layer="gelu_tanh")
@@ -352,3 +382,23 @@ def test_big_vision_pre_logits_is_refused(tmp_path):
                                "pre_logits/bias": np.zeros((48,), np.float32)})
   with pytest.raises(common.CheckpointImportError, match="pre_logits"):
     importers.read(path)
+
+
+def test_a_pytorch_pickle_without_torch_installed_is_one_line(tmp_path):
+  """Where torch is not installed, a .pth names what it needs in one line (the inspect command,
+  in a process whose `import torch` fails as it does without the package)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "dino_vits16_pretrain.pth")
+  torch.save(_state(_timm_model(num_classes=0)), path)
+  shim = tmp_path / "no_torch" / "torch"
+  shim.mkdir(parents=True)
+  (shim / "__init__.py").write_text("raise ImportError('No module named torch')\n")
+  env = dict(os.environ, PYTHONPATH=str(shim.parent))
+  result = subprocess.run([sys.executable, "-m", "agriclip_jax.models.inspect", path], env=env,
+                          capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines() == [
+      f"error: {path}: reading PyTorch pickles needs torch (pip install torch), or convert the "
+      "file to safetensors"], result.stderr[-2000:]

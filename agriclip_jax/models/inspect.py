@@ -21,7 +21,7 @@ def describe(path: str, format: str | None = None) -> dict:  # pylint: disable=r
   towers = {k: v for k, v in checkpoint.model.items() if k in ("img", "txt")}
   counts = {k: int(sum(v.size for p, v in checkpoint.params.items() if p.startswith(k + "/")))
             for k in towers}
-  source = "model" if "txt" in towers else "img"
+  source = "model" if len(towers) == 2 else next(iter(towers))
   init = [f"--config.init.{source}.path={checkpoint.path}",
           f"--config.init.{source}.format={checkpoint.format}"]
   return {

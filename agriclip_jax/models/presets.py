@@ -19,6 +19,8 @@ IMAGE = {
     # timm / AugReg / big_vision and DINO ViTs: class-token pooling after the final norm.
     "timm": dict(pool_type="tok", activation="gelu", layer_norm_eps=1e-6),
     "dino": dict(pool_type="tok", activation="gelu", layer_norm_eps=1e-6, head=False),
+    # Hugging Face's ViTModel (google/vit-*, facebook/dino-vit*): the same, LayerNorm eps 1e-12.
+    "hf_vit": dict(pool_type="tok", activation="gelu", layer_norm_eps=1e-12, head=False),
     "dinov2": dict(pool_type="tok", activation="gelu", layer_norm_eps=1e-6, layer_scale=1e-5,
                    head=False),
 }
@@ -40,6 +42,7 @@ NORMALIZATION = {
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "timm": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # AugReg / in21k; ImageNet-1k-only use ImageNet's.
+    "hf_vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # google/vit-*; facebook/dino-vit*: ImageNet's.
     "dino": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 NORMALIZATION.update(open_clip=NORMALIZATION["clip"], dinov2=NORMALIZATION["dino"])

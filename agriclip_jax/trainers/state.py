@@ -142,6 +142,11 @@ def load_pretrained(init_config, state, spec: StateSpec, model_config=None):
       continue
     where = f"config.init.{name}"
     checkpoint = importers.read(source["path"], source.get("format") or None)
+    towers = [k for k in ("img", "txt") if k in checkpoint.model]
+    if prefix and prefix[:-1] not in towers:
+      raise config_lib.ConfigError(
+          f"{where}: {checkpoint.path} ({checkpoint.format}) holds no "
+          f"{'image' if name == 'img' else 'text'} tower, only {' and '.join(towers)}")
     importers.check_architecture(checkpoint, model_config,
                                  ("img", "txt") if name == "model" else (name,), where)
     prefixes = (prefix, "head/") if source.get("classifier") else (prefix,)
@@ -153,7 +158,8 @@ def load_pretrained(init_config, state, spec: StateSpec, model_config=None):
     if missing:
       raise config_lib.ConfigError(
           f"{where}: {len(missing)} parameters of this model are not in {checkpoint.path} and "
-          f"would stay random: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; "
+          f"would stay random: {', '.join(f'{k} {tuple(target[k].shape)}' for k in missing[:4])}"
+          f"{' ...' if len(missing) > 4 else ''}; "
           "allow them with config.init.allow_random (a regex) or config.init.skip")
     logging.info("%s: %d parameter arrays from %s (%s)", where, len(arrays), checkpoint.path,
                  checkpoint.format)

@@ -18,6 +18,7 @@ FORMATS = {
     "hf_clip": "hf_clip",
     "hf_siglip": "hf_siglip",
     "hf_dinov2": "hf_dinov2",
+    "hf_vit": "hf_vit",
     "open_clip": "open_clip",
     "timm": "timm_vit",
     "big_vision": "big_vision",
@@ -75,6 +76,10 @@ def build(checkpoint: common.Checkpoint, dtype: str = "float32",
   import ml_collections  # pylint: disable=g-import-not-at-top
   from agriclip_jax.models import two_towers  # pylint: disable=g-import-not-at-top
   from agriclip_jax.pytree import flatten, unflatten  # pylint: disable=g-import-not-at-top
+  if "img" not in checkpoint.model:
+    raise common.CheckpointImportError(
+        f"{checkpoint.path} ({checkpoint.format}) holds a text tower only: it can fill "
+        "config.init.txt, not serve as a model on its own")
   size = image_size or checkpoint.image_size or 224
   images = jnp.zeros((1, size, size, 3), jnp.float32)
   if "txt" in checkpoint.model:

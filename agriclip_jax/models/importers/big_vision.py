@@ -15,7 +15,8 @@ the patches), all after `Transformer/encoder_norm`; `head` -> `Checkpoint.option
 
 Both codebases use Flax's default `nn.gelu`, the tanh approximation (timm's ports of these files
 use exact GELU instead), and LayerNorm eps 1e-6; images are scaled to [-1, 1] (mean = std = 0.5).
-Refused in one line: `pre_logits` (the tanh representation layer of the first ViT releases),
+A grid resized to another image size is resampled bilinearly (PyTorch's kernel, no
+antialiasing), as timm does when it loads these files. Refused in one line: `pre_logits` (the tanh representation layer of the first ViT releases),
 files without a learned position embedding (big_vision's fixed sincos2d), and Dense (NaFlex)
 patch embeddings.
 """
@@ -154,4 +155,5 @@ def read(path: str) -> common.Checkpoint:
   optional = {k: params.pop(k) for k in list(params) if k.startswith("img/head/")}
   image_size = params["img/pos_embedding"].shape[1] * img["patch_size"]
   return common.Checkpoint(FORMAT, path, params, dict(img=img), image_size=image_size,
-                           mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), optional=optional)
+                           mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), optional=optional,
+                           resample=common.bilinear_resample_grid)

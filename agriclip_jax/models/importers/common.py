@@ -316,6 +316,29 @@ def resample_grid(grid: np.ndarray, height: int, width: int) -> np.ndarray:
   return out.astype(grid.dtype)
 
 
+def _linear_weights(in_size: int, out_size: int) -> np.ndarray:
+  """[out, in] weights of PyTorch's bilinear interpolation (align_corners=False, no
+  antialiasing: source positions below 0 clamped to 0, the last index repeated at the edge)."""
+  scale = in_size / out_size
+  weights = np.zeros((out_size, in_size))
+  for i in range(out_size):
+    center = max((i + 0.5) * scale - 0.5, 0.0)
+    base = min(int(center), in_size - 1)
+    t = center - base
+    weights[i, base] += 1 - t
+    weights[i, min(base + 1, in_size - 1)] += t
+  return weights
+
+
+def bilinear_resample_grid(grid: np.ndarray, height: int, width: int) -> np.ndarray:
+  """[1, gh, gw, d] position grid -> [1, height, width, d], bilinear: how timm resizes an
+  AugReg / big_vision .npz grid when it loads one (`_load_weights`)."""
+  _, gh, gw, _ = grid.shape
+  rows, cols = _linear_weights(gh, height), _linear_weights(gw, width)
+  out = np.einsum("hi,wj,bijd->bhwd", rows, cols, grid.astype(np.float64))
+  return out.astype(grid.dtype)
+
+
 def _keys_cubic(x: np.ndarray, a: float) -> np.ndarray:
   x = np.abs(x)
   near = (a + 2) * x ** 3 - (a + 3) * x ** 2 + 1

@@ -3,6 +3,10 @@ pytorch_model.bin), tokenizer files and preprocessor_config.json.
 
 OpenAI's CLIP (e.g. openai/clip-vit-base-patch16) and most CLIP fine-tunes are published this
 way. Both towers, both projections and the logit scale are read.
+
+Single towers saved on their own read as that tower alone: `CLIPVisionModel(WithProjection)`
+(model_type "clip_vision_model") and `CLIPTextModel(WithProjection)` ("clip_text_model", e.g.
+the text encoders of diffusion pipelines); without the projection, the tower has no head.
 """
 
 import os
@@ -71,8 +75,13 @@ def model_type(path: str) -> str | None:
   return common.read_json(config_path).get("model_type")
 
 
+# model_type -> the towers such a directory holds.
+MODEL_TYPES = {"clip": ("img", "txt"), "clip_vision_model": ("img",),
+               "clip_text_model": ("txt",)}
+
+
 def detect(path: str) -> bool:
-  return model_type(path) == "clip"
+  return model_type(path) in MODEL_TYPES
 
 
 def tower(config: dict, kind: str) -> dict:
@@ -131,18 +140,24 @@ TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048,
 
 def read(path: str) -> common.Checkpoint:
   config = common.read_json(os.path.join(path, "config.json"))
-  vision = {**VISION_DEFAULTS, **(config.get("vision_config") or {})}
-  text = {**TEXT_DEFAULTS, **(config.get("text_config") or {})}
+  towers = MODEL_TYPES.get(config.get("model_type"), MODEL_TYPES["clip"])
+  single = config if len(towers) == 1 else {}  # A tower's fields at the top level.
+  vision = {**VISION_DEFAULTS, **(config.get("vision_config") or single)}
+  text = {**TEXT_DEFAULTS, **(config.get("text_config") or single)}
   params = common.convert(common.read_weights(weights_file(path)), rules(), path)
-  common.fold_class_position(params, "img", num_prefix=1)
-  params["txt/pos_embedding"] = params["txt/pos_embedding"][None]
-  model = dict(
-      img=dict(tower(vision, "img"), preset="clip", head=True),
-      txt=dict(tower(text, "txt"), preset="clip", head=True),
-      out_dim=config.get("projection_dim", 512),
-      logit_scale_init=float(np.exp(params["logit_scale"])),
-  )
+  model = {}
+  if "img" in towers:
+    common.fold_class_position(params, "img", num_prefix=1)
+    model["img"] = dict(tower(vision, "img"), preset="clip", head="img/head/kernel" in params)
+  if "txt" in towers:
+    params["txt/pos_embedding"] = params["txt/pos_embedding"][None]
+    model["txt"] = dict(tower(text, "txt"), preset="clip", head="txt/head/kernel" in params)
+  if any(model[k]["head"] for k in model):
+    model["out_dim"] = config.get("projection_dim", 512)
+  if "logit_scale" in params:
+    model["logit_scale_init"] = float(np.exp(params["logit_scale"]))
   return common.Checkpoint(
-      FORMAT, path, params, model, tokenizer=tokenizer_factory(path),
-      context_length=text.get("max_position_embeddings", 77),
+      FORMAT, path, params, model,
+      tokenizer=tokenizer_factory(path) if "txt" in towers else None,
+      context_length=text.get("max_position_embeddings", 77) if "txt" in towers else None,
       **preprocessing(path, vision.get("image_size", 224)))

@@ -23,11 +23,10 @@ HF's output at the new resolution.
 import os
 import re
 
-import numpy as np
-
 from agriclip_jax.models.importers import common
 from agriclip_jax.models.importers import hf_clip
-from agriclip_jax.models.importers.common import Rule, conv, linear
+from agriclip_jax.models.importers import hf_vit
+from agriclip_jax.models.importers.common import Rule, linear
 
 FORMAT = "hf_dinov2"
 MODEL_TYPES = ("dinov2", "dinov2_with_registers")
@@ -39,43 +38,21 @@ SWIGLU = re.compile(r".*\.mlp\.(weights_in|weights_out|gate_proj|up_proj|down_pr
 
 
 def rules() -> list[Rule]:
-  block = r"encoder\.layer\.(?P<block>\d+)\."
-  out = "img/encoder/{block}/"
+  block, out = hf_vit.BLOCK, hf_vit.OUT
   return [
-      Rule(r"embeddings\.cls_token", "img/cls"),
+      *hf_vit.shared_rules(),
       Rule(r"embeddings\.register_tokens", "img/registers"),
-      Rule(r"embeddings\.mask_token", None),  # Replaces masked patches in pretraining only.
-      Rule(r"embeddings\.position_embeddings", "img/pos_embedding"),
-      Rule(r"embeddings\.patch_embeddings\.projection\.weight", "img/embedding/kernel", conv),
-      Rule(r"embeddings\.patch_embeddings\.projection\.bias", "img/embedding/bias"),
-      Rule(block + r"attention\.attention\.(?P<attn>query|key|value)\.weight",
-           out + "attn/{attn}/kernel", linear),
-      Rule(block + r"attention\.attention\.(?P<attn>query|key|value)\.bias",
-           out + "attn/{attn}/bias"),
-      Rule(block + r"attention\.output\.dense\.weight", out + "attn/out/kernel", linear),
-      Rule(block + r"attention\.output\.dense\.bias", out + "attn/out/bias"),
       Rule(block + r"layer_scale(?P<n>[12])\.lambda1", out + "ls{n}/gamma"),
       Rule(block + r"norm(?P<n>[12])\.weight", out + "norm{n}/scale"),
       Rule(block + r"norm(?P<n>[12])\.bias", out + "norm{n}/bias"),
       Rule(block + r"mlp\.(?P<fc>fc[12])\.weight", out + "mlp/{fc}/kernel", linear),
       Rule(block + r"mlp\.(?P<fc>fc[12])\.bias", out + "mlp/{fc}/bias"),
-      Rule(r"layernorm\.weight", "img/encoder/norm/scale"),
-      Rule(r"layernorm\.bias", "img/encoder/norm/bias"),
       Rule(r"classifier\..*", None),  # Linear on [cls, mean of patches]: no such head here.
   ]
 
 
 def detect(path: str) -> bool:
   return hf_clip.model_type(path) in MODEL_TYPES
-
-
-def _square(value, name: str) -> int:
-  """A config size that may be an int or a [height, width] pair; only square ones fit."""
-  if isinstance(value, (list, tuple)):
-    if len(set(value)) != 1:
-      raise common.CheckpointImportError(f"{name} {list(value)} is not square")
-    value = value[0]
-  return int(value)
 
 
 def tower(config: dict) -> dict:
@@ -87,19 +64,12 @@ def tower(config: dict) -> dict:
   out = dict(preset="dinov2", width=width, depth=config["num_hidden_layers"],
              mlp_dim=int(width * config.get("mlp_ratio", 4)),
              num_heads=config["num_attention_heads"],
-             patch_size=_square(config.get("patch_size", 14), "patch_size"),
+             patch_size=hf_vit.square(config.get("patch_size", 14), "patch_size"),
              activation=hf_clip.ACTIVATIONS[act],
              layer_norm_eps=config.get("layer_norm_eps", 1e-6))
   if config.get("num_register_tokens"):
     out["num_registers"] = int(config["num_register_tokens"])
   return out
-
-
-def _zero_qkv_biases(params: dict, depth: int, width: int) -> None:
-  """Bias-free q/k/v projections (config qkv_bias=False) are zero biases in our attention."""
-  for block in range(depth):
-    for name in ("query", "key", "value"):
-      params[f"img/encoder/block{block:02d}/attn/{name}/bias"] = np.zeros(width, np.float32)
 
 
 def read(path: str) -> common.Checkpoint:
@@ -114,8 +84,8 @@ def read(path: str) -> common.Checkpoint:
   common.fold_class_position(params, "img", num_prefix=1)
   img = tower(config)
   if not config.get("qkv_bias", True):
-    _zero_qkv_biases(params, img["depth"], img["width"])
-  size = _square(config.get("image_size", 518), "image_size")
+    hf_vit.zero_qkv_biases(params, img["depth"], img["width"])
+  size = hf_vit.square(config.get("image_size", 518), "image_size")
   prep = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, **hf_clip.preprocessing(path, size)}
   resample = (common.antialiased_resample_grid if config.get("model_type") == "dinov2_with_registers"
               else None)
