@@ -3,7 +3,7 @@
   python -m agriclip_jax.embed --checkpoint DIR --out photos.npy photos/ more.jpg
   python -m agriclip_jax.embed --checkpoint DIR --out texts.npy --texts prompts.txt
 
-The .npy holds float32 [n, d] (L2-normalised for image-text runs); beside it, `<out>.txt`
+The .npy holds float32 [n, d], L2-normalised; beside it, `<out>.txt`
 lists the images (or texts) in row order. Unreadable images are reported on stderr and
 skipped; the exit status is 1 if any were, 2 on a usage error, else 0.
 """

@@ -80,8 +80,9 @@ class Model:
 
   def texts(self, texts: list[str]) -> np.ndarray:
     if not self.run.has_text:
-      raise config_lib.ConfigError(f"{self.run.workdir} is a {self.run.config.trainer} run: "
-                                   "it has no text tower")
+      what = (f"an imported image tower ({self.run.config.format})"
+              if self.run.config.trainer == "imported" else f"a {self.run.config.trainer} run")
+      raise config_lib.ConfigError(f"{self.run.workdir} is {what}: it has no text tower")
     out = zeroshot.embed_texts(self.context, self.run.params, self.run.tokenizer.encode(texts),
                                self.context.batch_size)
     return out / np.linalg.norm(out, axis=1, keepdims=True)

@@ -107,3 +107,36 @@ def test_taxonomy_and_class_files_with_a_utf8_byte_order_mark(tmp_path):
   assert predict.read_classes(args)[1] == ["Quercus ilex", "Quercus robur"]
   args = predict.parse(["--checkpoint", "x", "--classes", str(tmp_path / "classes.txt"), "p.png"])
   assert predict.read_classes(args)[0] == ["oak", "ash"]
+
+
+def test_embed_with_an_image_only_hugging_face_vit_directory(tmp_path, capsys):
+  """An image tower alone (a ViTModel directory whose preprocessor_config.json says ImageNet's
+  mean and std): embed gives transformers' class-token output for those pixels, L2-normalised,
+  and asking it for text embeddings is one line."""
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(0)
+  reference = transformers.ViTModel(transformers.ViTConfig(
+      hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+      image_size=32, patch_size=8)).eval()
+  checkpoint = tmp_path / "vit"
+  reference.save_pretrained(checkpoint)
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  (checkpoint / "preprocessor_config.json").write_text(json.dumps(
+      {"image_mean": mean, "image_std": std, "size": {"height": 32, "width": 32}}))
+  photos = _photos(tmp_path / "photos")
+  out = tmp_path / "vit.npy"
+  files = [photos / "photo0.png", photos / "photo1.png"]
+  assert embed.main(["--checkpoint", str(checkpoint), "--out", str(out), *map(str, files)]) == 0
+  pixels = []
+  for path in files:
+    image = preprocess.eval_image(path.read_bytes(), 32).astype(np.float32) / 255
+    pixels.append(((image - np.array(mean)) / np.array(std)).astype(np.float32).transpose(2, 0, 1))
+  with torch.no_grad():
+    want = reference(pixel_values=torch.tensor(np.stack(pixels))).last_hidden_state[:, 0].numpy()
+  np.testing.assert_allclose(np.load(out), utils.normalize(want), atol=1e-5)
+  (tmp_path / "texts.txt").write_text("a cow\n")
+  capsys.readouterr()
+  assert embed.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "t.npy"),
+                     "--texts", str(tmp_path / "texts.txt")]) == 2
+  assert capsys.readouterr().err.splitlines() == [
+      f"error: {checkpoint} is an imported image tower (hf_vit): it has no text tower"]
