@@ -22,11 +22,14 @@ tells which): a timm / AugReg ViT, BioCLIP's image tower (its open_clip director
       --workdir workdirs/alive_lit_l16 --config.init.img.path=/data/vit_large_patch16_384
   python launch.py --config configs/alive_lit.py:tower=open_clip,img=B/16 \\
       --workdir workdirs/alive_lit_bioclip --config.init.img.path=/data/bioclip
+  python launch.py --config configs/alive_lit.py:tower=resnet,img=resnet50 \\
+      --workdir workdirs/alive_lit_dino_r50 --config.init.img.path=/data/dino_resnet50_pretrain.pth
 
 Options: demo, img=<ViT variant>, txt=<text size>, batch=<global batch>, steps=<total steps>,
 head=<bool: trainable linear head on the locked tower>, inat=<weight of iNaturalist-2021 mixed
 into the training data, relative to ALive's 1; 0 = none>, tower=<family of an imported image
-tower: timm, clip, open_clip, siglip, dino, dinov2, hf_vit>, size=<image size>, registers=<register
+tower: timm, clip, open_clip, siglip, dino, dinov2, hf_vit, or resnet (a DINO /
+torchvision ResNet; img=resnet50 by default)>, size=<image size>, registers=<register
 tokens of the imported tower (DINOv2 with registers: 4)>.
 """
 
@@ -62,7 +65,8 @@ def get_config(arg=None):
     config.evals.val = evaluators.make("zeroshot", split="validation")
     if options.tower:
       lock_imported_tower(config, options.tower, options.img, options.head)
-      config.model.img.num_registers = options.registers
+      if options.registers:
+        config.model.img.num_registers = options.registers
   if options.size:
     config.input.image_size = options.size
   if options.inat:
@@ -77,8 +81,12 @@ def get_config(arg=None):
 def lock_imported_tower(config, family: str, img: str, head: bool) -> None:
   """Locks a pretrained image tower of another project's format, given with
   --config.init.img.path: the family's architecture and image normalisation."""
-  config.model.img = dict(preset=family, variant=img, head=head)
-  config.input.mean, config.input.std = presets.normalization(family)
+  if family == "resnet":  # DINO's / torchvision's ResNets (format dino_resnet).
+    config.model.img = dict(arch=img if img.startswith("resnet") else "resnet50", head=head)
+    config.input.mean, config.input.std = presets.normalization("dino")
+  else:
+    config.model.img = dict(preset=family, variant=img, head=head)
+    config.input.mean, config.input.std = presets.normalization(family)
   config.init.params = ".*"  # (config.init.workdir is not used.)
 
 

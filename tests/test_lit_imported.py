@@ -1,5 +1,6 @@
 """LiT through launch.py on an imported tower: a random timm ViT saved in timm's safetensors
-form is locked; the run trains, checkpoints, resumes, and never changes the locked weights."""
+form is locked; the run trains, checkpoints, resumes, and never changes the locked weights. A
+torchvision ResNet-18 (DINO's ResNet layout) is locked the same way."""
 
 import jax
 import numpy as np
@@ -58,3 +59,23 @@ def test_lit_locks_an_imported_timm_tower_and_resumes(data_dir, tmp_path):
   first = flatten(first)
   for key in ("img/head/kernel", "txt/embedding/embedding"):
     assert not np.array_equal(np.asarray(first[key]), np.asarray(trained[key])), key
+
+
+def test_lit_locks_an_imported_resnet(data_dir, tmp_path):
+  torchvision = pytest.importorskip("torchvision")
+  torch.manual_seed(0)
+  weights = str(tmp_path / "resnet18.pth")
+  torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+  workdir = str(tmp_path / "run")
+  result = launch(workdir, "tests/tiny_config.py:kind=lit_resnet",
+                  f"--config.init.img.path={weights}", "--config.total_steps=3",
+                  data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "(dino_resnet)" in result.stderr
+  trained = flatten(state_lib.load_entry(workdir, "params", DEVICE)[0])
+  imported = importers.read(weights).params
+  locked = [k for k in imported if not k.startswith("img/head")]
+  assert len(locked) > 50 and all(k in trained for k in locked)
+  for key in locked:  # Convolutions and BatchNorm statistics alike.
+    np.testing.assert_array_equal(np.asarray(trained[key]), imported[key], err_msg=key)
+  assert trained["img/head/kernel"].shape == (512, 32)  # ResNet-18 features -> the text width.

@@ -29,6 +29,11 @@ def get_config(arg=None):
     config.requires = []
     config.init.workdir = ""
     config.model.img.update(preset="timm", pool_type="tok")
+  elif options.kind == "lit_resnet":  # Locks a ResNet-18 (--config.init.img.path).
+    config = alive_lit.get_config("demo")
+    config.requires = []
+    config.init.workdir = ""
+    alive_lit.lock_imported_tower(config, "resnet", "resnet18", head=True)
   elif options.kind in ("clip_form", "siglip_form"):  # Towers transformers' CLIP / SigLIP hold.
     family = options.kind.split("_")[0]
     config = alive_clip.get_config("demo,loss=" + ("sigmoid" if family == "siglip" else "softmax"))
@@ -83,7 +88,8 @@ def get_config(arg=None):
   config.input.batch_size = 16
   config.input.num_threads = 2
   config.eval_batch_size = 32
-  config.model.img.update(TOWER, patch_size=8)
+  if options.kind != "lit_resnet":
+    config.model.img.update(TOWER, patch_size=8)
   if "dino" in config:
     config.dino.update(global_size=32, local_size=16, num_local=2)
     head = config.model.get("head") or config.model.get("dino_head")

@@ -1,4 +1,5 @@
-"""The image-text model: towers `img` (ViT) and `txt` (text transformer) with learned scale.
+"""The image-text model: towers `img` (a ViT, or a ResNet when its config names an `arch`) and
+`txt` (text transformer) with learned scale.
 
 Parameter paths are `img/...`, `txt/...`, `logit_scale` and `logit_bias`; the optimizer's
 freezing rules and the sharding rules match on them.
@@ -14,6 +15,7 @@ import numpy as np
 from agriclip_jax import config_lib
 from agriclip_jax.models import layers
 from agriclip_jax.models import presets
+from agriclip_jax.models import resnet
 from agriclip_jax.models import text
 from agriclip_jax.models import vit
 
@@ -46,7 +48,8 @@ class Model(nn.Module):
           "logit_bias", nn.initializers.constant(self.logit_bias_init), (), jnp.float32)
     zimg = ztxt = None
     if images is not None:
-      zimg, extras["img"] = vit.Model(**self.image, name="img")(images, train=train)
+      zimg, extras["img"] = image_tower(self.image)(**self.image, name="img")(images,
+                                                                              train=train)
       zimg = zimg.astype(jnp.float32)
       extras["img/norm"] = jnp.linalg.norm(zimg, axis=-1)
       zimg = l2_normalize(zimg)
@@ -58,11 +61,32 @@ class Model(nn.Module):
     return zimg, ztxt, extras
 
 
+def image_tower(kwargs: Mapping[str, Any]) -> type[nn.Module]:
+  """The image tower's module for its resolved keyword arguments (see `tower_kwargs`)."""
+  return resnet.Model if "depths" in kwargs else vit.Model
+
+
+def embedding_width(kwargs: Mapping[str, Any]) -> int:
+  """Width of a tower's output for its resolved keyword arguments: its head's, else its
+  features' (a ResNet's last stage: width * 8 * block expansion)."""
+  if kwargs.get("num_classes"):
+    return kwargs["num_classes"]
+  if "depths" in kwargs:
+    return kwargs.get("width", resnet.Model.width) * 8 * resnet.EXPANSION[
+        kwargs.get("block", resnet.Model.block)]
+  return kwargs["width"]
+
+
 def tower_kwargs(config: Mapping[str, Any], kind: str, out_dim: int | None,
                  dtype: str) -> dict[str, Any]:
   """Tower keyword arguments from a config dict: `preset` (a family, see `presets`), then
-  `variant`, then explicit overrides; `head` (bool) adds a linear head to `out_dim`."""
+  `variant`, then explicit overrides; `head` (bool) adds a linear head to `out_dim`. An image
+  config with `arch` (e.g. "resnet50") is a ResNet's (see `resnet.tower_kwargs`)."""
   kwargs = dict(config)
+  if kind == "img" and kwargs.get("arch"):
+    head = kwargs.pop("head", True)
+    kwargs.pop("preset", None)
+    return resnet.tower_kwargs(kwargs, out_dim if head else None, dtype)
   module = vit.Model if kind == "img" else text.Model
   fields = {f.name for f in dataclasses.fields(module)} - {"parent", "name", "num_classes",
                                                              "dtype"}
@@ -97,8 +121,7 @@ def make(config, vocab_size: int | None = None) -> Model:
       raise config_lib.ConfigError(f"model.txt.vocab_size={txt['vocab_size']} is smaller than the "
                        f"tokenizer's vocabulary ({vocab_size})")
     txt["vocab_size"] = txt.get("vocab_size") or vocab_size
-  img_dim = img["num_classes"] or img["width"]
-  txt_dim = txt["num_classes"] or txt["width"]
+  img_dim, txt_dim = embedding_width(img), embedding_width(txt)
   if img_dim != txt_dim:
     raise config_lib.ConfigError(
         f"image embeddings ({img_dim}) and text embeddings ({txt_dim}) differ in width; give "

@@ -66,6 +66,9 @@ def from_run(run) -> Model:
                              f"exported; this is a {config.trainer!r} run")
   model_config = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(
       config.model)
+  if model_config["img"].get("arch"):
+    raise common.ExportError(f"{run.workdir}: its image tower is a ResNet "
+                             f"({model_config['img']['arch']}); only ViT towers are exported")
   out_dim = model_config.get("out_dim")
   img = _complete(vit.Model, two_towers.tower_kwargs(model_config["img"], "img", out_dim,
                                                      "float32"))
