@@ -122,6 +122,11 @@ def define_flags() -> None:
   flags.DEFINE_list("modes", ["clip", "lit"], "Which trainings to time.")
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The command (`agriclip-benchmark` where the package is installed)."""
   define_flags()
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

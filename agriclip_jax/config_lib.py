@@ -145,12 +145,34 @@ def changes(old: dict, new: dict, ignored: Iterable[str] = ()) -> list[str]:
           and not any(k == i or k.startswith(i + ".") for i in ignored)]
 
 
+def find_config_file(path: str) -> str:
+  """A config file's path: as given if it exists, else relative to the directory that holds
+  the `configs` package (configs name each other that way, and an installed package's
+  commands find `configs/x.py` from any working directory)."""
+  if not os.path.exists(path) and os.path.exists(os.path.join(REPO_ROOT, path)):
+    return os.path.join(REPO_ROOT, path)
+  return path
+
+
+def locate_config_arg(argv: list[str]) -> list[str]:
+  """Command-line arguments with the `--config` file's path resolved by `find_config_file`."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith(("--config=", "-config=")):
+      flag, _, spec = arg.partition("=")
+      path, colon, rest = spec.partition(":")
+      out[i] = f"{flag}={find_config_file(path)}{colon}{rest}"
+    elif arg in ("--config", "-config") and i + 1 < len(out):
+      path, colon, rest = out[i + 1].partition(":")
+      out[i + 1] = f"{find_config_file(path)}{colon}{rest}"
+  return out
+
+
 def load(config_spec: str) -> ml_collections.ConfigDict:
   """"configs/x.py:demo,img=B/16" -> the ConfigDict that file's get_config returns."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   path, _, arg = config_spec.partition(":")
-  if not os.path.exists(path) and os.path.exists(os.path.join(REPO_ROOT, path)):
-    path = os.path.join(REPO_ROOT, path)  # Configs name each other relative to the repo.
+  path = find_config_file(path)
   if not os.path.exists(path):
     raise ConfigError(f"config file {path} does not exist")
   spec = importlib.util.spec_from_file_location(

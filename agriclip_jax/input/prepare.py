@@ -117,6 +117,11 @@ def define_flags() -> None:
   flags.DEFINE_bool("force", False, "Rebuild even if already prepared.")
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The command (`agriclip-prepare` where the package is installed)."""
   define_flags()
   app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+  run()
