@@ -62,8 +62,7 @@ def main(argv=None) -> int:
     if args.wise_base is not None:
       run = runs.interpolate(runs.load(args.wise_base, mesh), run, args.alpha)
     if run.config.trainer == "align":
-      from agriclip_jax.trainers import align  # pylint: disable=g-import-not-at-top
-      weights, bias, _ = align.load_aligner(run.config, run.workdir)
+      weights, bias, _ = runs.load_aligner(run.config, run.workdir)
       result = native.export_aligner(weights, bias, args.out, run.workdir)
     else:
       model = exporters.from_run(run)

@@ -194,9 +194,8 @@ def interpolate(base: Run, run: Run, alpha: float) -> Run:
 
 def _load_agriclip(config, workdir: str, mesh) -> Run:
   """An align run as the AgriCLIP model: image -> DINO -> aligner, CLIP text tower."""
-  from agriclip_jax.trainers import align  # pylint: disable=g-import-not-at-top  (cycle)
-  towers = align.Towers(config, workdir, mesh)
-  weights, bias, path = align.load_aligner(config, workdir)
+  towers = AgriCLIPTowers(config, workdir, mesh)
+  weights, bias, path = load_aligner(config, workdir)
   towers.params["aligner"] = jax.device_put({"W": jnp.asarray(weights),
                                              "b": jnp.asarray(bias)}, towers.replicated)
   return Run(workdir, config, int(os.path.getmtime(path)), towers.params,
@@ -211,3 +210,66 @@ def _load_params(workdir, entry, config, mesh, step=None):
                                        config.get("fsdp_min_size", 2**14))
   params, step = state_lib.load_entry(workdir, entry, shardings, step)
   return params, step, shardings
+
+
+# ------------------------------------------------------------ AgriCLIP (align runs)
+
+ALIGNER = "aligner.npz"  # An align run's fitted map, in its workdir.
+
+
+class AgriCLIPTowers:
+  """The DINO and CLIP runs an align run reads (`config.align.{dino,clip}_workdir`), as one
+  parameter tree + encoders; `aligned` is AgriCLIP's image -> DINO -> aligner path."""
+
+  def __init__(self, config, workdir: str, mesh):
+    a = config.align
+    self.runs = {"dino": load(config_lib.expand_path(a.dino_workdir, workdir), mesh),
+                 "clip": load(config_lib.expand_path(a.clip_workdir, workdir), mesh)}
+    # The image features: a DINO run, or an imported image tower (DINO ViT / ResNet-50, ...).
+    dino = self.runs["dino"]
+    if (dino.config.trainer not in ("dino", "imported") or dino.has_text
+        or not self.runs["clip"].has_text):
+      raise config_lib.ConfigError(
+          "align.dino_workdir / clip_workdir must hold a DINO run or an imported image tower, "
+          f"and an image-text run or checkpoint; got {dino.config.trainer!r} and "
+          f"{self.runs['clip'].config.trainer!r}")
+    self.tokenizer = self.runs["clip"].tokenizer
+    self.replicated = sharding.replicated(mesh)
+    # The aligner is a placeholder until it is fitted (or loaded).
+    self.params = {k: run.params for k, run in self.runs.items()}
+    self.params["aligner"] = {"W": jnp.zeros((1, 1)), "b": jnp.zeros(1)}
+    self.params_sharding = {k: run.params_sharding for k, run in self.runs.items()}
+    self.params_sharding["aligner"] = self.replicated
+    self.image_size = max(run.image_size for run in self.runs.values())
+    self.key = config_lib.fingerprint({k: run.key for k, run in self.runs.items()},
+                                      self.image_size)
+
+  def _encode(self, tower: str, params, images):
+    size = self.runs[tower].image_size
+    if images.shape[1] != size:  # Decoded once at the larger size, resized per tower.
+      images = jax.image.resize(images.astype(jnp.float32),
+                                (images.shape[0], size, size, 3), "bilinear")
+    return self.runs[tower].encode_images(params[tower], images)
+
+  def dino_features(self, params, images):
+    return self._encode("dino", params, images)
+
+  def clip_images(self, params, images):
+    return self._encode("clip", params, images)
+
+  def aligned(self, params, images):
+    x = self.dino_features(params, images).astype(jnp.float32)
+    return two_towers.l2_normalize(x @ params["aligner"]["W"] + params["aligner"]["b"])
+
+  def texts(self, params, tokens):
+    return self.runs["clip"].encode_texts(params["clip"], tokens)
+
+
+def load_aligner(config, workdir: str) -> tuple[np.ndarray, np.ndarray, str]:
+  """(W, b, path) of the aligner this align run uses: its own or `align.aligner_workdir`'s."""
+  source = config_lib.expand_path(config.align.aligner_workdir, workdir) or workdir
+  path = os.path.join(source, ALIGNER)
+  if not os.path.exists(path):
+    raise config_lib.ConfigError(f"no fitted aligner at {path}")
+  with np.load(path) as saved:
+    return saved["W"], saved["b"], path

@@ -80,7 +80,8 @@ def check_held_out_zero_shot(summary, result) -> None:
 # instead of ending on them; the rest follow in their usual order.
 SLOW_FIRST = ("test_demos.py", "test_launch.py", "test_demo_lit.py", "test_agriclip.py",
               "test_eval_suite.py", "test_multiprocess.py", "test_wise.py",
-              "test_pretrained_init.py", "test_export.py", "test_sharding.py")
+              "test_lit_imported.py", "test_pretrained_init.py", "test_export.py",
+              "test_sharding.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -187,7 +187,7 @@ def _summary(workdir):
 def test_dino_and_joint_runs_end_to_end(data_dir, tmp_path):
   from conftest import launch  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from agriclip_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from agriclip_jax import metric_writer  # pylint: disable=g-import-not-at-top
   from agriclip_jax.pytree import flatten  # pylint: disable=g-import-not-at-top
   result = launch(str(tmp_path / "dino"), "tests/tiny_config.py:kind=dino", data_dir=data_dir)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -202,7 +202,7 @@ def test_dino_and_joint_runs_end_to_end(data_dir, tmp_path):
   # ...while the backbone trained and the teacher trails it as an EMA.
   assert not np.allclose(student["img"]["embedding"]["kernel"],
                          teacher["img"]["embedding"]["kernel"])
-  logged = [r for r in metrics_lib.read_jsonl(str(tmp_path / "dino")) if "loss" in r][-1]
+  logged = [r for r in metric_writer.read_jsonl(str(tmp_path / "dino")) if "loss" in r][-1]
   for key in ("teacher/entropy", "teacher_momentum", "teacher_temp", "weight_decay"):
     assert key in logged
   # Unfrozen after 4 steps, the last layer trains and the teacher's trails it.

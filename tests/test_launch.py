@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from agriclip_jax import metrics as metrics_lib
+from agriclip_jax import metric_writer
 from agriclip_jax.pytree import flatten
 from agriclip_jax.trainers import state as state_lib
 from conftest import launch
@@ -28,7 +28,7 @@ def _summary(workdir):
 
 def _last_losses(workdir):
   """The last logged loss of each step."""
-  return {r["step"]: r["loss"] for r in metrics_lib.read_jsonl(workdir) if "loss" in r}
+  return {r["step"]: r["loss"] for r in metric_writer.read_jsonl(workdir) if "loss" in r}
 
 
 def _checkpoint_steps(workdir):
@@ -64,7 +64,7 @@ def test_train_evaluate_checkpoint_log_then_rerun_ends_at_once(data_dir, tmp_pat
   assert summary["step"] == 12 and summary["heldout/num_examples"] == 48
   assert _checkpoint_steps(workdir) == [4, 8, 12]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
-  logged = metrics_lib.read_jsonl(workdir)
+  logged = metric_writer.read_jsonl(workdir)
   train_record = [r for r in logged if "loss" in r][-1]
   for key in ("logit_scale", "logits/positive", "logits/negative", "img/norm", "txt/norm",
               "lr", "grad_norm", "batch_accuracy/img2txt"):
@@ -74,7 +74,7 @@ def test_train_evaluate_checkpoint_log_then_rerun_ends_at_once(data_dir, tmp_pat
   again = launch(workdir, data_dir=data_dir)
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout == result.stdout  # Same final report...
-  assert len(metrics_lib.read_jsonl(workdir)) == len(logged)  # ...and nothing redone.
+  assert len(metric_writer.read_jsonl(workdir)) == len(logged)  # ...and nothing redone.
   assert "already finished" in again.stderr
   assert time.time() - start < 60
 
@@ -209,7 +209,7 @@ def test_resume_drops_the_metrics_of_the_steps_it_trains_again(data_dir, tmp_pat
   result = launch(workdir, "tests/tiny_config.py:kind=clip", "--config.total_steps=8",
                   data_dir=data_dir)
   assert result.returncode == 0, result.stderr[-3000:]
-  logged = metrics_lib.read_jsonl(workdir)
+  logged = metric_writer.read_jsonl(workdir)
   # As if killed after step 8 was logged and evaluated but before its checkpoint was written.
   shutil.rmtree(os.path.join(workdir, "checkpoints", "8"))
   os.remove(os.path.join(workdir, "summary.json"))
@@ -217,7 +217,7 @@ def test_resume_drops_the_metrics_of_the_steps_it_trains_again(data_dir, tmp_pat
                   data_dir=data_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Resuming from" in result.stderr
-  relogged = metrics_lib.read_jsonl(workdir)
+  relogged = metric_writer.read_jsonl(workdir)
   assert [r["step"] for r in relogged] == [r["step"] for r in logged]  # No step twice.
   assert [sorted(r) for r in relogged] == [sorted(r) for r in logged]
 
@@ -348,7 +348,7 @@ def test_undecodable_training_images_are_replaced_counted_and_limited(data_dir, 
   named = re.findall(r"training example (\S+): cannot decode image .*; the next example of "
                      "the stream takes its place", tolerant.stderr)
   assert named and set(named) <= set(damaged)
-  counted = [r["input/undecodable"] for r in metrics_lib.read_jsonl(str(tmp_path / "tolerant"))
+  counted = [r["input/undecodable"] for r in metric_writer.read_jsonl(str(tmp_path / "tolerant"))
              if "input/undecodable" in r]
   # 6 log lines over 12 steps of 16 examples, one in 8 of them damaged.
   assert len(counted) == 6 and 10 < sum(counted) < 40

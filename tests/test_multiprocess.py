@@ -4,7 +4,7 @@ import socket
 
 import numpy as np
 
-from agriclip_jax import metrics as metrics_lib
+from agriclip_jax import metric_writer
 from conftest import launch
 
 
@@ -15,8 +15,8 @@ def _free_port() -> int:
 
 
 def _records(workdir):
-  train = {r["step"]: r for r in metrics_lib.read_jsonl(workdir) if "loss" in r}
-  evals = [r for r in metrics_lib.read_jsonl(workdir) if "heldout/top1" in r]
+  train = {r["step"]: r for r in metric_writer.read_jsonl(workdir) if "loss" in r}
+  evals = [r for r in metric_writer.read_jsonl(workdir) if "heldout/top1" in r]
   return train, evals[-1]
 
 

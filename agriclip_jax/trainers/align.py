@@ -24,7 +24,7 @@ import numpy as np
 
 from agriclip_jax import config_lib
 from agriclip_jax import distributed
-from agriclip_jax import metrics as metrics_lib
+from agriclip_jax import metric_writer
 from agriclip_jax import runs
 from agriclip_jax import sharding
 from agriclip_jax.evaluators import base as evaluators
@@ -37,7 +37,6 @@ from agriclip_jax.trainers import common
 from agriclip_jax.trainers import loop as loop_lib
 
 OPEN_FIELDS = ("evals",)
-ALIGNER = "aligner.npz"
 KEY = "align_key.json"  # What the run's summary was computed from.
 
 
@@ -64,53 +63,6 @@ def default_config() -> ml_collections.ConfigDict:
       mix_weight=0.5,
   )
   return config
-
-
-class Towers:
-  """The DINO and CLIP runs the alignment reads, as one parameter tree + encoders."""
-
-  def __init__(self, config, workdir: str, mesh):
-    a = config.align
-    self.runs = {"dino": runs.load(config_lib.expand_path(a.dino_workdir, workdir), mesh),
-                 "clip": runs.load(config_lib.expand_path(a.clip_workdir, workdir), mesh)}
-    # The image features: a DINO run, or an imported image tower (DINO ViT / ResNet-50, ...).
-    dino = self.runs["dino"]
-    if (dino.config.trainer not in ("dino", "imported") or dino.has_text
-        or not self.runs["clip"].has_text):
-      raise config_lib.ConfigError(
-          "align.dino_workdir / clip_workdir must hold a DINO run or an imported image tower, "
-          f"and an image-text run or checkpoint; got {dino.config.trainer!r} and "
-          f"{self.runs['clip'].config.trainer!r}")
-    self.tokenizer = self.runs["clip"].tokenizer
-    self.replicated = sharding.replicated(mesh)
-    # The aligner is a placeholder until it is fitted (or loaded).
-    self.params = {k: run.params for k, run in self.runs.items()}
-    self.params["aligner"] = {"W": jnp.zeros((1, 1)), "b": jnp.zeros(1)}
-    self.params_sharding = {k: run.params_sharding for k, run in self.runs.items()}
-    self.params_sharding["aligner"] = self.replicated
-    self.image_size = max(run.image_size for run in self.runs.values())
-    self.key = config_lib.fingerprint({k: run.key for k, run in self.runs.items()},
-                                      self.image_size)
-
-  def _encode(self, tower: str, params, images):
-    size = self.runs[tower].image_size
-    if images.shape[1] != size:  # Decoded once at the larger size, resized per tower.
-      images = jax.image.resize(images.astype(jnp.float32),
-                                (images.shape[0], size, size, 3), "bilinear")
-    return self.runs[tower].encode_images(params[tower], images)
-
-  def dino_features(self, params, images):
-    return self._encode("dino", params, images)
-
-  def clip_images(self, params, images):
-    return self._encode("clip", params, images)
-
-  def aligned(self, params, images):
-    x = self.dino_features(params, images).astype(jnp.float32)
-    return two_towers.l2_normalize(x @ params["aligner"]["W"] + params["aligner"]["b"])
-
-  def texts(self, params, tokens):
-    return self.runs["clip"].encode_texts(params["clip"], tokens)
 
 
 def _features(towers, context, split_source, name, directory, batch_size, max_examples):
@@ -166,7 +118,7 @@ def fit(config, towers, context, workdir, writer):
                                            bias).items():
       results[f"align/{name}_{key}"] = value
   if jax.process_index() == 0:
-    np.savez(os.path.join(workdir, ALIGNER), W=weights.astype(np.float32),
+    np.savez(os.path.join(workdir, runs.ALIGNER), W=weights.astype(np.float32),
              b=bias.astype(np.float32))
   writer.write(1, results)
   return weights, bias, results
@@ -206,16 +158,6 @@ def zero_shot(config, towers, context, evals) -> dict[str, float]:
   return results
 
 
-def load_aligner(config, workdir: str) -> tuple[np.ndarray, np.ndarray, str]:
-  """(W, b, path) of the aligner this align run uses: its own or `align.aligner_workdir`'s."""
-  source = config_lib.expand_path(config.align.aligner_workdir, workdir) or workdir
-  path = os.path.join(source, ALIGNER)
-  if not os.path.exists(path):
-    raise config_lib.ConfigError(f"no fitted aligner at {path}")
-  with np.load(path) as saved:
-    return saved["W"], saved["b"], path
-
-
 def train(config: ml_collections.ConfigDict, workdir: str):
   summary_path, key_path = (os.path.join(workdir, n) for n in (loop_lib.SUMMARY, KEY))
   if os.path.exists(summary_path) and os.path.exists(key_path):
@@ -232,9 +174,9 @@ def train(config: ml_collections.ConfigDict, workdir: str):
                                  "or sgd")
   common.run_requirements(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
-  towers = Towers(config, workdir, mesh)
+  towers = runs.AgriCLIPTowers(config, workdir, mesh)
   a = config.align
-  writer = metrics_lib.Writer(workdir)
+  writer = metric_writer.Writer(workdir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
@@ -247,7 +189,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
       num_threads=config.input.num_threads)
   sharding.batch_size_per_shard(mesh, context.batch_size)
   if a.aligner_workdir:
-    weights, bias, _ = load_aligner(config, workdir)
+    weights, bias, _ = runs.load_aligner(config, workdir)
     results = {}
   else:
     weights, bias, results = fit(config, towers, context, workdir, writer)

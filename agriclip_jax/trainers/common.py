@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 from agriclip_jax import config_lib
-from agriclip_jax import metrics as metrics_lib
+from agriclip_jax import metric_writer
 from agriclip_jax import optim
 from agriclip_jax import sharding
 from agriclip_jax.evaluators import base as evaluators
@@ -299,7 +299,7 @@ class Setup:
   mesh: jax.sharding.Mesh
   batch_sharding: jax.sharding.NamedSharding
   sources: list  # [(builder, random-access source, component dict)], one per dataset.
-  writer: metrics_lib.Writer
+  writer: metric_writer.Writer
 
   @property
   def train_builder(self):
@@ -327,7 +327,7 @@ class Setup:
             datasets.class_ids(component["classes"], names, where), where)
       sources.append((builder, source, component))
     save_config(config, workdir)
-    writer = metrics_lib.Writer(workdir)
+    writer = metric_writer.Writer(workdir)
     writer.hparams(flax.traverse_util.flatten_dict(config.to_dict(), sep="."))
     logging.info("Mesh %s over %d devices in %d processes; training on %s", dict(mesh.shape),
                  jax.device_count(), jax.process_count(),

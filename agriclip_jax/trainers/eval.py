@@ -24,7 +24,7 @@ import numpy as np
 
 from agriclip_jax import config_lib
 from agriclip_jax import distributed
-from agriclip_jax import metrics as metrics_lib
+from agriclip_jax import metric_writer
 from agriclip_jax import results as results_lib
 from agriclip_jax import runs
 from agriclip_jax import sharding
@@ -304,7 +304,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   common.check_values(config)
   common.run_requirements(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
-  writer = metrics_lib.Writer(workdir)
+  writer = metric_writer.Writer(workdir)
   all_results = {} if config.force else results_lib.read(workdir)
   keys_path = os.path.join(workdir, KEYS)
   keys = {}

@@ -36,7 +36,7 @@ import numpy as np
 
 from agriclip_jax import checkpointing
 from agriclip_jax import config_lib
-from agriclip_jax import metrics as metrics_lib
+from agriclip_jax import metric_writer
 from agriclip_jax import optim
 from agriclip_jax import sharding
 from agriclip_jax.input import datasets
@@ -121,7 +121,7 @@ class Loop:
   train_iter: Iterator[dict[str, np.ndarray]]
   batch_sharding: jax.sharding.NamedSharding
   evaluators: list  # [(name, every, evaluator)]
-  writer: metrics_lib.Writer
+  writer: metric_writer.Writer
 
   def __post_init__(self):
     self._undecodable = []  # Each step's count of undecodable examples (device), unread.

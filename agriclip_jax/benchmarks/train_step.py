@@ -1,6 +1,6 @@
 """Training-step throughput of CLIP and LiT on a fixed spec, printed as JSON.
 
-  python -m agriclip_jax.benchmark [--steps 10] [--batch_size 32]
+  python -m agriclip_jax.benchmarks.train_step [--steps 10] [--batch_size 32]
 
 Spec: image tower ViT-Ti/16 at 224 px (width 192, depth 12, 3 heads, MLP 768), text tower
 width 256, depth 6, 4 heads, context 32, vocab 10000, embeddings 256, float32, AdamW, random

@@ -1,11 +1,11 @@
 """Input benchmarks, printed as JSON.
 
-  python -m agriclip_jax.input.benchmark build --images=2000,20000
+  python -m agriclip_jax.benchmarks.input build --images=2000,20000
       Generates ALive-style trees of that many JPEGs and builds each with the `alive` builder
       in a fresh process: wall time and that process's peak RSS. Flat RSS across sizes shows
       the build streams.
 
-  python -m agriclip_jax.input.benchmark pipeline [--images=1000 --image_size=224]
+  python -m agriclip_jax.benchmarks.input pipeline [--images=1000 --image_size=224]
       Builds one such tree at iNaturalist-like resolution (500x375) and times the training
       pipeline (decode + random resized crop + flip + tokenize + batch) for several thread and
       worker counts: images/s, and images/s per core used.
@@ -119,7 +119,7 @@ def pipeline(workdir: str, count: int, image_size: int, seconds: float) -> dict:
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in ("build", "pipeline"):
-    raise app.UsageError("usage: python -m agriclip_jax.input.benchmark build|pipeline")
+    raise app.UsageError("usage: python -m agriclip_jax.benchmarks.input build|pipeline")
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="agriclip_bench_")
   if argv[1] == "build":
     sizes = [int(n) for n in (FLAGS.images or ["2000", "20000"])]

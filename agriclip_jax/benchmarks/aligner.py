@@ -1,6 +1,6 @@
 """Aligner fits at ALive scale, printed as JSON:
 
-  python -m agriclip_jax.models.benchmark_aligner [--rows=600000 --d_in=2048 --d_out=512]
+  python -m agriclip_jax.benchmarks.aligner [--rows=600000 --d_in=2048 --d_out=512]
 
 Random features y = x W + b + noise (x with uneven feature scales and offsets, like real
 backbone features), written to memory-mapped .npy files and streamed in batches. Times and
