@@ -4,18 +4,10 @@ import os
 import pathlib
 import subprocess
 import sys
-import tempfile
 
 # Before JAX is imported anywhere: in-process tests see 8 CPU devices.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# One XLA compilation cache for every process of a test run (the launches of a test compile the
-# same tiny programs again and again): it saves about a quarter of a launch test's time. A
-# build cache only; results are unchanged. Set JAX_COMPILATION_CACHE_DIR to use another.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    tempfile.gettempdir(), f"agriclip_jax-tests-xla-cache-{os.getuid()}"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -39,11 +31,39 @@ def data_dir(tmp_path_factory) -> str:
   return path
 
 
+# One XLA compilation cache per test run, shared by its workers, under pytest's temporary root
+# (which pytest prunes): the launches of a run compile the same small programs again and again,
+# and reading them back saves about a quarter of a launch test's time. A build cache only.
+_XLA_CACHE = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _xla_cache_dir(tmp_path_factory):
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # A worker's parent.
+  _XLA_CACHE["dir"] = str(root / "xla-cache")
+
+
+def _xla_cache_env() -> dict[str, str]:
+  if not _XLA_CACHE:
+    return {}
+  # A size limit turns on JAX's file lock around cache reads and writes (workers share it).
+  return {"JAX_COMPILATION_CACHE_DIR": _XLA_CACHE["dir"],
+          "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 def launch(workdir, config="tests/tiny_config.py:kind=clip", *overrides, data_dir=None,
            devices=1, background=False, timeout=600, extra_env=None, preexec_fn=None):
-  """Runs launch.py in a subprocess (own device count); returns CompletedProcess or Popen."""
+  """Runs launch.py in a subprocess (own device count); returns CompletedProcess or Popen.
+
+  Launches that run to their end share the test run's compilation cache; background ones
+  (which tests kill) and resource-limited ones do not, so no cache entry is ever cut short."""
   env = dict(os.environ, PYTHONUNBUFFERED="1",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  if not background and preexec_fn is None:
+    env.update(_xla_cache_env())
   if data_dir:
     env["TFDS_DATA_DIR"] = data_dir
   env.update(extra_env or {})

@@ -27,8 +27,10 @@ def _run(command, cwd, *args):
 
 
 def test_console_commands_are_installed(distribution):
-  scripts = {e.name for e in distribution.entry_points if e.group == "console_scripts"}
-  assert scripts == {f"agriclip-{c}" for c in COMMANDS}
+  scripts = {e.name: e for e in distribution.entry_points if e.group == "console_scripts"}
+  assert set(scripts) == {f"agriclip-{c}" for c in COMMANDS}
+  for entry in scripts.values():
+    assert callable(entry.load()), entry  # Each names a function that exists.
   for command in COMMANDS:
     assert os.access(os.path.join(BIN, f"agriclip-{command}"), os.X_OK), command
   requires = distribution.requires

@@ -152,3 +152,20 @@ def test_two_towers_config_errors():
     config = _two_tower_config()
     config.txt.vocab_size = 10
     two_towers.make(config, vocab_size=30)
+
+
+def test_a_resnet_image_tower_only_where_a_resnet_is_built():
+  """The two-tower model takes `model.img.arch` (a ResNet: LiT on DINO's ResNet-50, say);
+  the classifier, DINO and joint models take ViTs and say so in one line."""
+  from agriclip_jax.models import classifier  # pylint: disable=g-import-not-at-top
+  from agriclip_jax.models import resnet  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(dict(
+      img=dict(arch="resnet18", head=False), txt=dict(width=512, depth=1, num_heads=2,
+                                                      mlp_dim=64, head=False),
+      out_dim=16, logit_scale_init=10.0))
+  model = two_towers.make(config, vocab_size=50)
+  assert two_towers.image_tower(model.image) is resnet.Model
+  assert two_towers.embedding_width(model.image) == 512  # ResNet-18's last stage, no head.
+  with pytest.raises(config_lib.ConfigError, match="ResNet image tower is supported by the "
+                     "contrastive trainer .* only; this model takes a ViT"):
+    classifier.make(config, 10)

@@ -77,13 +77,24 @@ def embedding_width(kwargs: Mapping[str, Any]) -> int:
   return kwargs["width"]
 
 
+def require_vit(img_config: Mapping[str, Any], user: str) -> None:
+  """One line if `model.img` names a ResNet where `user` builds a ViT."""
+  if img_config.get("arch"):
+    raise config_lib.ConfigError(
+        f"model.img.arch={img_config['arch']!r}: a ResNet image tower is supported by the "
+        f"contrastive trainer (CLIP / LiT) only; {user} takes a ViT")
+
+
 def tower_kwargs(config: Mapping[str, Any], kind: str, out_dim: int | None,
-                 dtype: str) -> dict[str, Any]:
+                 dtype: str, resnet_ok: bool = False) -> dict[str, Any]:
   """Tower keyword arguments from a config dict: `preset` (a family, see `presets`), then
   `variant`, then explicit overrides; `head` (bool) adds a linear head to `out_dim`. An image
-  config with `arch` (e.g. "resnet50") is a ResNet's (see `resnet.tower_kwargs`)."""
+  config with `arch` (e.g. "resnet50") is a ResNet's (see `resnet.tower_kwargs`), where the
+  caller builds one (`resnet_ok`: the two-tower model does; the others take ViTs)."""
   kwargs = dict(config)
   if kind == "img" and kwargs.get("arch"):
+    if not resnet_ok:
+      require_vit(kwargs, "this model")
     head = kwargs.pop("head", True)
     kwargs.pop("preset", None)
     return resnet.tower_kwargs(kwargs, out_dim if head else None, dtype)
@@ -114,7 +125,7 @@ def check_dtype(dtype: str) -> str:
 def make(config, vocab_size: int | None = None) -> Model:
   """The model a `config.model` describes. `vocab_size` comes from the tokenizer."""
   dtype = check_dtype(config.get("dtype", "float32"))
-  img = tower_kwargs(config.img, "img", config.out_dim, dtype)
+  img = tower_kwargs(config.img, "img", config.out_dim, dtype, resnet_ok=True)
   txt = tower_kwargs(config.txt, "txt", config.out_dim, dtype)
   if vocab_size is not None:
     if txt.get("vocab_size") and txt["vocab_size"] < vocab_size:

@@ -20,6 +20,7 @@ from agriclip_jax.input import pipeline
 from agriclip_jax.input import preprocess
 from agriclip_jax.losses import dino as dino_loss
 from agriclip_jax.models import dino as dino_model
+from agriclip_jax.models import two_towers
 from agriclip_jax.models import vit
 from agriclip_jax.trainers import common
 from agriclip_jax.trainers import contrastive
@@ -47,6 +48,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   if set(config.loss_weights.keys()) != {"contrastive", "dino"}:
     raise config_lib.ConfigError("config.loss_weights needs exactly 'contrastive' and 'dino' "
                                  f"(got {sorted(config.loss_weights.keys())})")
+  two_towers.require_vit(config.model.img, "joint training")
   setup, tokenizer, towers = contrastive.setup_with_text(config, workdir)
   image_tower = vit.Model(**towers.image)  # The `img` tower alone, for the views.
   head = dino_model.Head(**config.model.dino_head)

@@ -160,4 +160,4 @@ def read(path: str) -> common.Checkpoint:
       FORMAT, path, params, model,
       tokenizer=tokenizer_factory(path) if "txt" in towers else None,
       context_length=text.get("max_position_embeddings", 77) if "txt" in towers else None,
-      **preprocessing(path, vision.get("image_size", 224)))
+      **(preprocessing(path, vision.get("image_size", 224)) if "img" in towers else {}))
