@@ -166,6 +166,13 @@ def test_a_resnet_image_tower_only_where_a_resnet_is_built():
   model = two_towers.make(config, vocab_size=50)
   assert two_towers.image_tower(model.image) is resnet.Model
   assert two_towers.embedding_width(model.image) == 512  # ResNet-18's last stage, no head.
+  # Any number of stages: the width is what the tower outputs.
+  three_stages = two_towers.tower_kwargs(dict(arch="resnet", depths=(1, 1, 1), width=8,
+                                              block="bottleneck", head=False),
+                                         "img", None, "float32", resnet_ok=True)
+  features, _ = jax.eval_shape(resnet.Model(**three_stages).init_with_output,
+                               jax.random.key(0), jnp.zeros((1, 32, 32, 3)))[0]
+  assert two_towers.embedding_width(three_stages) == features.shape[-1] == 8 * 4 * 4
   with pytest.raises(config_lib.ConfigError, match="ResNet image tower is supported by the "
                      "contrastive trainer .* only; this model takes a ViT"):
     classifier.make(config, 10)

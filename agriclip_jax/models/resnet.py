@@ -63,6 +63,13 @@ def tower_kwargs(config: dict[str, Any], num_classes: int | None = None,
   return dict(base, num_classes=num_classes, dtype=jnp.dtype(dtype))
 
 
+def feature_width(kwargs: dict[str, Any]) -> int:
+  """Width of the pooled features of a `Model(**kwargs)`: its last stage's output channels."""
+  depths = kwargs.get("depths", Model.depths)
+  block = kwargs.get("block", Model.block)
+  return kwargs.get("width", Model.width) * 2 ** (len(depths) - 1) * EXPANSION[block]
+
+
 class FrozenBatchNorm(nn.Module):
   """y = (x - mean) / sqrt(var + eps) * scale + bias with the stored (running) statistics."""
   eps: float = 1e-5

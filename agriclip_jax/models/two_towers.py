@@ -68,13 +68,10 @@ def image_tower(kwargs: Mapping[str, Any]) -> type[nn.Module]:
 
 def embedding_width(kwargs: Mapping[str, Any]) -> int:
   """Width of a tower's output for its resolved keyword arguments: its head's, else its
-  features' (a ResNet's last stage: width * 8 * block expansion)."""
+  features' (a ResNet's last stage)."""
   if kwargs.get("num_classes"):
     return kwargs["num_classes"]
-  if "depths" in kwargs:
-    return kwargs.get("width", resnet.Model.width) * 8 * resnet.EXPANSION[
-        kwargs.get("block", resnet.Model.block)]
-  return kwargs["width"]
+  return resnet.feature_width(kwargs) if "depths" in kwargs else kwargs["width"]
 
 
 def require_vit(img_config: Mapping[str, Any], user: str) -> None:
