@@ -42,15 +42,21 @@ def same(keys: jax.Array) -> jax.Array:
   return jnp.all(keys[:, None, :] == keys[None, :, :], axis=-1)
 
 
-def matches(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """[n, n] bool masks of the pairs that match by a target other than `pairs`, for those the
-  batch can tell: "labels" (same `label`) and "texts" (identical `text` token rows)."""
+def keys(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """[n, k] per-example keys for the targets other than `pairs` that the batch can tell: two
+  examples match by "labels" when their `label` is the same, by "texts" when their `text` token
+  rows are identical."""
   out = {}
   if "label" in batch:
-    out["labels"] = same(batch["label"])
+    out["labels"] = batch["label"].reshape(batch["label"].shape[0], -1)
   if "text" in batch:
-    out["texts"] = same(text_keys(batch["text"]))
+    out["texts"] = text_keys(batch["text"])
   return out
+
+
+def matches(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """[n, n] bool masks of the pairs that match by a target other than `pairs` (see `keys`)."""
+  return {name: same(k) for name, k in keys(batch).items()}
 
 
 def check_targets(targets: str, weight: float = 1.0) -> None:

@@ -14,6 +14,7 @@ from agriclip_jax import config_lib
 from agriclip_jax.input import pipeline
 from agriclip_jax.input import preprocess
 from agriclip_jax.input import tokenizer as tokenizer_lib
+from agriclip_jax.losses import chunked
 from agriclip_jax.losses import contrastive as losses
 from agriclip_jax.models import two_towers
 from agriclip_jax.trainers import common
@@ -51,23 +52,39 @@ def default_config() -> ml_collections.ConfigDict:
   # Share of each row's target on its other matches (1: they count fully; below 1: a soft
   # target, the rest staying on the own pair).
   config.loss_targets_weight = 1.0
+  # 0: the loss builds the global batch's N x N logits (the reference form). >0: each device
+  # computes its own rows against the gathered batch this many columns at a time
+  # (losses.chunked): the same loss and gradients with O(N / devices * chunk) logit memory, for
+  # global batches in the tens of thousands. Must divide the global batch (or exceed it).
+  config.loss_chunk_size = 0
   return config
 
 
 def make_objective(model, loss_name: str, normalize, targets: str = "pairs",
-                   targets_weight: float = 1.0):
+                   targets_weight: float = 1.0, chunk_size: int = 0, mesh=None,
+                   batch_size: int = 0):
   """(params, batch, rng) -> (loss, metrics) for a two-tower model; `targets` (see
-  losses.TARGETS) says which pairs of the batch match."""
+  losses.TARGETS) says which pairs of the batch match; `chunk_size` > 0 computes the loss in
+  chunks over `mesh`'s batch axes (losses.chunked) for global batches of `batch_size`."""
   loss_fn = losses.get(loss_name)
   losses.check_targets(targets, targets_weight)
+  if chunk_size:
+    chunked.check_chunk(chunk_size, batch_size)
+
+  def loss_and_metrics(zimg, ztxt, extras, batch):
+    scale, bias = extras["logit_scale"], extras.get("logit_bias")
+    if chunk_size:
+      return chunked.loss(loss_name, zimg, ztxt, scale, bias, losses.keys(batch), mesh=mesh,
+                          chunk=chunk_size, targets=targets, weight=targets_weight)
+    masks = losses.matches(batch)
+    loss, metrics = loss_fn(zimg, ztxt, scale, bias, losses.positives(targets, masks),
+                            targets_weight)
+    return loss, dict(metrics, **losses.duplicate_fractions(masks))
 
   def objective(params, batch, rng):
     zimg, ztxt, extras = model.apply({"params": params}, normalize(batch["image"]),
                                      batch["text"], train=True, rngs={"dropout": rng})
-    masks = losses.matches(batch)
-    loss, metrics = loss_fn(zimg, ztxt, extras["logit_scale"], extras.get("logit_bias"),
-                            losses.positives(targets, masks), targets_weight)
-    metrics.update(losses.duplicate_fractions(masks))
+    loss, metrics = loss_and_metrics(zimg, ztxt, extras, batch)
     metrics["logit_scale"] = extras["logit_scale"]
     if "logit_bias" in extras:
       metrics["logit_bias"] = extras["logit_bias"]
@@ -152,7 +169,8 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   normalize = functools.partial(preprocess.normalize, mean=config.input.mean,
                                 std=config.input.std)
   objective = make_objective(model, config.loss, normalize, config.loss_targets,
-                             config.loss_targets_weight)
+                             config.loss_targets_weight, config.loss_chunk_size, setup.mesh,
+                             config.input.batch_size)
   make_transform = transforms(config, setup, tokenizer)
 
   def encode_images(params, images):
