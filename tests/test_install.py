@@ -9,7 +9,7 @@ import sys
 import pytest
 
 BIN = os.path.dirname(sys.executable)
-COMMANDS = ("launch", "prepare", "predict", "embed", "export", "inspect", "benchmark")
+COMMANDS = ("launch", "prepare", "predict", "embed", "export", "inspect", "benchmark", "plan")
 
 
 @pytest.fixture(scope="module")
