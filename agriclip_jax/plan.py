@@ -109,9 +109,9 @@ class Planner:
         lambda p: self.model.apply({"params": p}, None,
                                    jax.numpy.zeros((1, length), jax.numpy.int32))[1],
         params_shape))[0].shape[-1])
-    self.make_objective = functools.partial(
-        contrastive.make_objective, self.model, config.loss, self.normalize, config.loss_targets,
-        config.loss_targets_weight, config.loss_chunk_size, self.mesh)
+    self.make_step = functools.partial(contrastive.make_step, config, self.model,
+                                       self.normalize, self.mesh, self.tx, self.spec.labels,
+                                       self.lr_schedule)
 
   def _batch(self, global_batch: int):
     import jax  # pylint: disable=g-import-not-at-top
@@ -127,8 +127,7 @@ class Planner:
     """Figures of the train step at `per_device` examples per batch shard."""
     from agriclip_jax.trainers import common  # pylint: disable=g-import-not-at-top
     global_batch = per_device * self.shards
-    objective = self.make_objective(global_batch)
-    step = common.train_step(objective, self.tx, self.spec.labels, self.lr_schedule)
+    step = self.make_step(batch_size=global_batch)
     compiled = common.jit_step(step, self.spec, self.mesh).lower(
         self.spec.abstract, self._batch(global_batch)).compile()
     memory = compiled.memory_analysis()
@@ -182,9 +181,10 @@ class Planner:
   def largest_batch(self, budget_bytes: int, start: int, limit: int = 16) -> dict | None:
     """The largest per-device batch whose step's peak fits `budget_bytes`: doubling from
     `start`, then bisection, over multiples of the size that keeps the global batch divisible
-    by the loss chunk; at most `limit` compiles. None when the smallest does not fit."""
+    by the loss chunk and the shard by the micro-batches; at most `limit` compiles. None when the smallest does not fit."""
     chunk = self.config.loss_chunk_size
-    unit = chunk // math.gcd(chunk, self.shards) if chunk else 1
+    unit = math.lcm(chunk // math.gcd(chunk, self.shards) if chunk else 1,
+                    self.config.micro_batches)
     fits, fails = None, None  # (units, figures) that fit; the fewest units that do not.
     units = max(start // unit, 1)
     for _ in range(limit):
@@ -250,7 +250,8 @@ def main(argv) -> int:
     per_device = config.input.batch_size // planner.shards
     plan = {"config": flags.FLAGS["config"].config_filename, "devices": jax.device_count(),
             "mesh": dict(planner.mesh.shape), "loss": config.loss,
-            "loss_chunk_size": config.loss_chunk_size, "step": planner.step(per_device),
+            "loss_chunk_size": config.loss_chunk_size, "micro_batches": config.micro_batches,
+            "step": planner.step(per_device),
             "note": CPU_NOTE}
     if _FLAGS["budget_gib"].value:
       plan["budget_gib"] = _FLAGS["budget_gib"].value

@@ -232,19 +232,25 @@ def run_requirements(config, workdir: str) -> None:
     trainers.run(required, required_workdir)
 
 
-def train_step(objective: Callable, tx, labels: dict[str, str], lr_schedule: Callable):
+def train_step(objective: Callable, tx, labels: dict[str, str], lr_schedule: Callable,
+               value_and_grad: Callable | None = None):
   """A step function from `objective(params, batch, rng) -> (loss, metrics)`.
 
   Gradients are taken with respect to the trainable parameters only, so nothing is computed
   for frozen towers' backward passes and they pass through the step unchanged.
+  `value_and_grad(trainable, frozen, batch, rng) -> ((loss, metrics), grads)` replaces
+  autodiff of `objective` where a trainer computes them its own way (grad_cache).
   """
 
   def step(state, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     trainable, frozen = optim.split(state["params"], labels)
-    grad_fn = jax.value_and_grad(
-        lambda t: objective(optim.merge(t, frozen), batch, rng), has_aux=True)
-    (loss, metrics), grads = grad_fn(trainable)
+    if value_and_grad is None:
+      grad_fn = jax.value_and_grad(
+          lambda t: objective(optim.merge(t, frozen), batch, rng), has_aux=True)
+      (loss, metrics), grads = grad_fn(trainable)
+    else:
+      (loss, metrics), grads = value_and_grad(trainable, frozen, batch, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], trainable)
     trainable = optax.apply_updates(trainable, updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),

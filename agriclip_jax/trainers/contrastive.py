@@ -11,6 +11,7 @@ import jax
 import ml_collections
 
 from agriclip_jax import config_lib
+from agriclip_jax import sharding
 from agriclip_jax.input import pipeline
 from agriclip_jax.input import preprocess
 from agriclip_jax.input import tokenizer as tokenizer_lib
@@ -18,6 +19,7 @@ from agriclip_jax.losses import chunked
 from agriclip_jax.losses import contrastive as losses
 from agriclip_jax.models import two_towers
 from agriclip_jax.trainers import common
+from agriclip_jax.trainers import grad_cache
 from agriclip_jax.trainers import state as state_lib
 
 # Free-form fields checked elsewhere: evaluator configs and tower keyword arguments.
@@ -57,15 +59,18 @@ def default_config() -> ml_collections.ConfigDict:
   # (losses.chunked): the same loss and gradients with O(N / devices * chunk) logit memory, for
   # global batches in the tens of thousands. Must divide the global batch (or exceed it).
   config.loss_chunk_size = 0
+  # >1: each step embeds the global batch in this many micro-batches and gets the full batch's
+  # exact gradient from them (trainers/grad_cache.py), holding activations for one at a time;
+  # the towers' forward pass runs twice. Must divide each batch shard's examples.
+  config.micro_batches = 1
   return config
 
 
-def make_objective(model, loss_name: str, normalize, targets: str = "pairs",
-                   targets_weight: float = 1.0, chunk_size: int = 0, mesh=None,
-                   batch_size: int = 0):
-  """(params, batch, rng) -> (loss, metrics) for a two-tower model; `targets` (see
-  losses.TARGETS) says which pairs of the batch match; `chunk_size` > 0 computes the loss in
-  chunks over `mesh`'s batch axes (losses.chunked) for global batches of `batch_size`."""
+def make_loss(loss_name: str, targets: str = "pairs", targets_weight: float = 1.0,
+              chunk_size: int = 0, mesh=None, batch_size: int = 0):
+  """(zimg, ztxt, extras, batch) -> (loss, metrics) on a two-tower model's outputs; `targets`
+  (see losses.TARGETS) says which pairs of the batch match; `chunk_size` > 0 computes the loss
+  in chunks over `mesh`'s batch axes (losses.chunked) for global batches of `batch_size`."""
   loss_fn = losses.get(loss_name)
   losses.check_targets(targets, targets_weight)
   if chunk_size:
@@ -74,25 +79,63 @@ def make_objective(model, loss_name: str, normalize, targets: str = "pairs",
   def loss_and_metrics(zimg, ztxt, extras, batch):
     scale, bias = extras["logit_scale"], extras.get("logit_bias")
     if chunk_size:
-      return chunked.loss(loss_name, zimg, ztxt, scale, bias, losses.keys(batch), mesh=mesh,
-                          chunk=chunk_size, targets=targets, weight=targets_weight)
-    masks = losses.matches(batch)
-    loss, metrics = loss_fn(zimg, ztxt, scale, bias, losses.positives(targets, masks),
-                            targets_weight)
-    return loss, dict(metrics, **losses.duplicate_fractions(masks))
-
-  def objective(params, batch, rng):
-    zimg, ztxt, extras = model.apply({"params": params}, normalize(batch["image"]),
-                                     batch["text"], train=True, rngs={"dropout": rng})
-    loss, metrics = loss_and_metrics(zimg, ztxt, extras, batch)
-    metrics["logit_scale"] = extras["logit_scale"]
-    if "logit_bias" in extras:
-      metrics["logit_bias"] = extras["logit_bias"]
-    metrics["img/norm"] = extras["img/norm"].mean()
-    metrics["txt/norm"] = extras["txt/norm"].mean()
+      loss, metrics = chunked.loss(loss_name, zimg, ztxt, scale, bias, losses.keys(batch),
+                                   mesh=mesh, chunk=chunk_size, targets=targets,
+                                   weight=targets_weight)
+    else:
+      masks = losses.matches(batch)
+      loss, metrics = loss_fn(zimg, ztxt, scale, bias, losses.positives(targets, masks),
+                              targets_weight)
+      metrics.update(losses.duplicate_fractions(masks))
+    metrics["logit_scale"] = scale
+    if bias is not None:
+      metrics["logit_bias"] = bias
     return loss, metrics
 
+  return loss_and_metrics
+
+
+def embed(model, normalize, params, batch, rng):
+  """A training forward pass: (zimg, ztxt, extras)."""
+  return model.apply({"params": params}, normalize(batch["image"]), batch["text"], train=True,
+                     rngs={"dropout": rng})
+
+
+def norm_metrics(extras) -> dict:
+  return {"img/norm": extras["img/norm"].mean(), "txt/norm": extras["txt/norm"].mean()}
+
+
+def make_objective(model, loss_name: str, normalize, *loss_args, **loss_kwargs):
+  """(params, batch, rng) -> (loss, metrics) for a two-tower model; the rest as `make_loss`."""
+  return objective_of(model, normalize, make_loss(loss_name, *loss_args, **loss_kwargs))
+
+
+def objective_of(model, normalize, loss_and_metrics):
+
+  def objective(params, batch, rng):
+    zimg, ztxt, extras = embed(model, normalize, params, batch, rng)
+    loss, metrics = loss_and_metrics(zimg, ztxt, extras, batch)
+    return loss, dict(metrics, **norm_metrics(extras))
+
   return objective
+
+
+def make_step(config, model, normalize, mesh, tx, labels, lr_schedule,
+              batch_size: int | None = None):
+  """The train step a config describes: its loss (plain or chunked) and, with
+  `config.micro_batches` > 1, the embedding-cache gradient. `batch_size`: the global batch
+  (default `config.input.batch_size`)."""
+  batch_size = batch_size or config.input.batch_size
+  loss_and_metrics = make_loss(config.loss, config.loss_targets, config.loss_targets_weight,
+                               config.loss_chunk_size, mesh, batch_size)
+  grad_cache.check(config.micro_batches, sharding.batch_size_per_shard(mesh, batch_size))
+  value_and_grad = None
+  if config.micro_batches > 1:
+    value_and_grad = grad_cache.value_and_grad(
+        functools.partial(embed, model, normalize), loss_and_metrics, norm_metrics,
+        config.micro_batches)
+  return common.train_step(objective_of(model, normalize, loss_and_metrics), tx, labels,
+                           lr_schedule, value_and_grad)
 
 
 def label_offsets(config, sources) -> list[int | None]:
@@ -168,9 +211,6 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   spec, tx, lr_schedule = setup.state_spec(model_init)
   normalize = functools.partial(preprocess.normalize, mean=config.input.mean,
                                 std=config.input.std)
-  objective = make_objective(model, config.loss, normalize, config.loss_targets,
-                             config.loss_targets_weight, config.loss_chunk_size, setup.mesh,
-                             config.input.batch_size)
   make_transform = transforms(config, setup, tokenizer)
 
   def encode_images(params, images):
@@ -179,6 +219,5 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   def encode_texts(params, tokens):
     return model.apply({"params": params}, None, tokens)[1]
 
-  return setup.run(spec, common.train_step(objective, tx, spec.labels, lr_schedule),
-                   make_transform, encode_images,
-                   encode_texts, tokenizer)
+  step = make_step(config, model, normalize, setup.mesh, tx, spec.labels, lr_schedule)
+  return setup.run(spec, step, make_transform, encode_images, encode_texts, tokenizer)

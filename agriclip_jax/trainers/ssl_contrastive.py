@@ -48,6 +48,10 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   if set(config.loss_weights.keys()) != {"contrastive", "dino"}:
     raise config_lib.ConfigError("config.loss_weights needs exactly 'contrastive' and 'dino' "
                                  f"(got {sorted(config.loss_weights.keys())})")
+  if config.micro_batches != 1:
+    raise config_lib.ConfigError(
+        "config.micro_batches (the embedding cache) is implemented for the contrastive trainer "
+        "only; the joint trainer takes its whole batch at once")
   two_towers.require_vit(config.model.img, "joint training")
   setup, tokenizer, towers = contrastive.setup_with_text(config, workdir)
   image_tower = vit.Model(**towers.image)  # The `img` tower alone, for the views.
