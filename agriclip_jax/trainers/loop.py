@@ -4,9 +4,9 @@
   passes verification (newer ones that fail it are moved aside, see `checkpointing`), else
   initialises (then copies `config.init` parameters, if any). metrics.jsonl loses its records
   past the step it starts from: those steps are trained again.
-- Checks every step's loss and gradient norm for non-finite values, one step behind so the
-  device never waits; a non-finite value stops the run naming the step, and no checkpoint is
-  ever written after it. The loss and gradient are those before the step's update, so the state
+- Checks every step's loss and gradient norm for non-finite values once the device has
+  computed them, up to MAX_UNCHECKED steps behind, so the device queue stays full; a
+  non-finite value stops the run naming the step, and no checkpoint is ever written after it. The loss and gradient are those before the step's update, so the state
   itself is also checked before each save: an update that overflows the parameters would
   otherwise be saved, and every re-run would resume into NaN.
 - SIGTERM (single process) or JAX's preemption sync point (multi-process) saves a checkpoint
@@ -44,6 +44,9 @@ from agriclip_jax.pytree import path_str
 from agriclip_jax.trainers import state as state_lib
 
 SUMMARY = "summary.json"
+# Steps the device may run ahead of the host's check of their loss and gradient norm.
+MAX_UNCHECKED = 4
+FINITE_KEYS = ("loss", "grad_norm")
 
 
 class NonFiniteError(RuntimeError):
@@ -185,9 +188,8 @@ class Loop:
           batch = self._next_batch()
           state, step_metrics = self.train_step(state, batch)
         step += 1
-        # Check the previous step while this one runs: the device never waits for the host.
-        self._check(unchecked)
-        unchecked = [(step, step_metrics)]
+        unchecked.append((step, step_metrics))
+        unchecked = self._check_finished(unchecked)
         since_log.append(step_metrics)
         progress(step)
         due = functools.partial(config_lib.every, step, total=total)
@@ -239,9 +241,20 @@ class Loop:
           f"above name them; checkpoints are kept in {self.workdir}/checkpoints, and a run with "
           "higher limits resumes)")
 
+  def _check_finished(self, unchecked: list) -> list:
+    """Checks, oldest first, the steps whose metrics the device has finished (without waiting)
+    and, waiting for them, those beyond MAX_UNCHECKED: the device keeps up to that many steps
+    queued instead of one. Returns the steps left unchecked; before anything is logged,
+    evaluated or saved every step is checked, so nothing is written after a non-finite step."""
+    while unchecked and (len(unchecked) > MAX_UNCHECKED or all(
+        unchecked[0][1][key].is_ready() for key in FINITE_KEYS)):
+      self._check(unchecked[:1])
+      unchecked = unchecked[1:]
+    return unchecked
+
   def _check(self, unchecked) -> None:
     for step, step_metrics in unchecked:
-      for key in ("loss", "grad_norm"):
+      for key in FINITE_KEYS:
         value = float(step_metrics[key])
         if not np.isfinite(value):
           raise NonFiniteError(
