@@ -161,3 +161,18 @@ def test_trainer_objective_with_chunks_equals_the_plain_one():
   with pytest.raises(config_lib.ConfigError, match="does not divide the global batch 16"):
     trainer.make_objective(model, "sigmoid", lambda x: x, chunk_size=3, mesh=mesh,
                            batch_size=16)
+
+
+@pytest.mark.parametrize("chunk", [0, 8])
+def test_logit_precision_reaches_the_similarity_matmul(chunk):
+  from agriclip_jax.trainers import contrastive as trainer  # pylint: disable=g-import-not-at-top
+  mesh = _mesh(MESHES["8 devices"])
+  zimg, ztxt, batch = _batch()
+  hlo = {}
+  for name in ("highest", "default"):
+    loss = trainer.make_loss("softmax", "pairs", 1.0, chunk, mesh, 32, name)
+    hlo[name] = jax.jit(lambda a, b, loss=loss: loss(a, b, {"logit_scale": 7.0}, batch)[0]
+                        ).lower(zimg, ztxt).as_text()
+  assert "HIGHEST" in hlo["highest"] and "HIGHEST" not in hlo["default"]
+  with pytest.raises(config_lib.ConfigError, match="logit_precision must be one of"):
+    trainer.make_loss("softmax", logit_precision="tf32")

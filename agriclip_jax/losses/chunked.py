@@ -25,15 +25,14 @@ from agriclip_jax import config_lib
 from agriclip_jax import sharding
 from agriclip_jax.losses import contrastive
 
-_HIGHEST = jax.lax.Precision.HIGHEST
-
 
 def _same(row_keys, col_keys):
   """[n, c] bool: row i's key equals column j's (keys: [n, k] and [c, k])."""
   return jnp.all(row_keys[:, None, :] == col_keys[None, :, :], axis=-1)
 
 
-def _sweep(rows, cols, offset, scale, bias, keys, dup_keys, chunk, weight, sigmoid, axes):
+def _sweep(rows, cols, offset, scale, bias, keys, dup_keys, chunk, weight, sigmoid, axes,
+           precision):
   """Per-row statistics of this device's rows against all N columns, `chunk` at a time.
 
   rows: [n, d] (global indices offset..offset+n); cols: [N, d]; keys / dup_keys: (row keys,
@@ -50,7 +49,7 @@ def _sweep(rows, cols, offset, scale, bias, keys, dup_keys, chunk, weight, sigmo
 
   def body(carry, x):
     j, block, block_keys, block_dups = x
-    logits = jnp.einsum("id,td->it", rows, block, precision=_HIGHEST) * scale
+    logits = jnp.einsum("id,td->it", rows, block, precision=precision) * scale
     if bias is not None:
       logits = logits + bias
     eye = row_ids[:, None] == (j * chunk + jnp.arange(chunk))[None, :]
@@ -94,7 +93,7 @@ def _sweep(rows, cols, offset, scale, bias, keys, dup_keys, chunk, weight, sigmo
   if not sigmoid:
     # The running maximum starts at the row's own logit (finite), so no -inf - -inf.
     own = jnp.einsum("id,id->i", rows, jax.lax.dynamic_slice_in_dim(cols, offset, n),
-                     precision=_HIGHEST) * scale
+                     precision=precision) * scale
     if bias is not None:
       own = own + bias
     init["max"] = jax.lax.stop_gradient(own)
@@ -120,7 +119,7 @@ def check_chunk(chunk: int, global_batch: int) -> int:
 
 
 def loss(name: str, zimg, ztxt, scale, bias, keys: dict[str, jax.Array], *, mesh, chunk: int,
-         targets: str = "pairs", weight: float = 1.0):
+         targets: str = "pairs", weight: float = 1.0, logit_precision: str = "highest"):
   """(loss, metrics) of `losses.contrastive.get(name)` over the global batch, in chunks.
 
   zimg, ztxt: [N, d] split over the mesh's batch axes; keys: `contrastive.keys(batch)`.
@@ -149,7 +148,8 @@ def loss(name: str, zimg, ztxt, scale, bias, keys: dict[str, jax.Array], *, mesh
     pos = None if targets == "pairs" else both[targets]
     sweep = functools.partial(_sweep, offset=offset, scale=scalars["scale"],
                               bias=scalars.get("bias"), keys=pos, chunk=chunk,
-                              weight=weight, sigmoid=sigmoid, axes=axes)
+                              weight=weight, sigmoid=sigmoid, axes=axes,
+                              precision=contrastive.precision(logit_precision))
     rows = sweep(zimg, gather(ztxt), dup_keys=both)
     if sigmoid:  # The loss is one sum over all pairs; the other way round is only a metric.
       cols = sweep(*map(jax.lax.stop_gradient, (ztxt, gather(zimg))), dup_keys={})

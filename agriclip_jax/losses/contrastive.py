@@ -12,8 +12,22 @@ import numpy as np
 from agriclip_jax import config_lib
 
 
-def _logits(zimg, ztxt, scale, bias):
-  logits = jnp.einsum("id,td->it", zimg, ztxt, precision=jax.lax.Precision.HIGHEST) * scale
+# `config.logit_precision`: the precision of the image-text similarity matmul. "highest" is
+# float32 throughout; "default" lets GPUs/TPUs use their faster reduced-precision passes
+# (TF32, bfloat16), which is what their throughput figures assume.
+PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH,
+              "default": jax.lax.Precision.DEFAULT}
+
+
+def precision(name: str) -> jax.lax.Precision:
+  if name not in PRECISIONS:
+    raise config_lib.ConfigError(
+        f"config.logit_precision must be one of {list(PRECISIONS)}; got {name!r}")
+  return PRECISIONS[name]
+
+
+def _logits(zimg, ztxt, scale, bias, precision_name="highest"):
+  logits = jnp.einsum("id,td->it", zimg, ztxt, precision=precision(precision_name)) * scale
   return logits if bias is None else logits + bias
 
 
@@ -102,14 +116,15 @@ def logit_metrics(logits, positive=None) -> dict[str, jax.Array]:
   }
 
 
-def softmax_loss(zimg, ztxt, scale, bias=None, positive=None, weight=1.0):
+def softmax_loss(zimg, ztxt, scale, bias=None, positive=None, weight=1.0,
+                 logit_precision="highest"):
   """CLIP: cross-entropy of each image over all texts and of each text over all images.
 
   With a `positive` mask ([n, n], true on the diagonal) the target of each row (column) is
   spread over its matches: `weight` of it evenly over all of them, `1 - weight` on its own
   pair. Without one, or when the mask is the diagonal, this is CLIP's loss exactly.
   """
-  logits = _logits(zimg, ztxt, scale, bias)
+  logits = _logits(zimg, ztxt, scale, bias, logit_precision)
   n = logits.shape[0]
   eye = jnp.eye(n, dtype=bool)
   positive = eye if positive is None else positive
@@ -127,7 +142,8 @@ def softmax_loss(zimg, ztxt, scale, bias=None, positive=None, weight=1.0):
                 **logit_metrics(logits, positive)}
 
 
-def sigmoid_loss(zimg, ztxt, scale, bias, positive=None, weight=1.0):
+def sigmoid_loss(zimg, ztxt, scale, bias, positive=None, weight=1.0,
+                 logit_precision="highest"):
   """SigLIP: every (image, text) pair is a binary problem; summed per image, mean over images.
 
   Pairs in `positive` ([n, n]) other than an example's own are matches with target `weight`
@@ -137,7 +153,7 @@ def sigmoid_loss(zimg, ztxt, scale, bias, positive=None, weight=1.0):
   if bias is None:
     raise config_lib.ConfigError(
         "the sigmoid loss needs a learned bias (set model.logit_bias_init, e.g. -10)")
-  logits = _logits(zimg, ztxt, scale, bias)
+  logits = _logits(zimg, ztxt, scale, bias, logit_precision)
   eye = jnp.eye(logits.shape[0], dtype=bool)
   if positive is None or weight == 0:
     labels = 2 * eye.astype(logits.dtype) - 1

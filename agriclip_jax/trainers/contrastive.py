@@ -63,16 +63,21 @@ def default_config() -> ml_collections.ConfigDict:
   # exact gradient from them (trainers/grad_cache.py), holding activations for one at a time;
   # the towers' forward pass runs twice. Must divide each batch shard's examples.
   config.micro_batches = 1
+  # Precision of the loss's image-text matmul (losses.contrastive.PRECISIONS): "highest"
+  # (float32) or "default" (the accelerator's fast reduced-precision passes).
+  config.logit_precision = "highest"
   return config
 
 
 def make_loss(loss_name: str, targets: str = "pairs", targets_weight: float = 1.0,
-              chunk_size: int = 0, mesh=None, batch_size: int = 0):
+              chunk_size: int = 0, mesh=None, batch_size: int = 0,
+              logit_precision: str = "highest"):
   """(zimg, ztxt, extras, batch) -> (loss, metrics) on a two-tower model's outputs; `targets`
   (see losses.TARGETS) says which pairs of the batch match; `chunk_size` > 0 computes the loss
   in chunks over `mesh`'s batch axes (losses.chunked) for global batches of `batch_size`."""
   loss_fn = losses.get(loss_name)
   losses.check_targets(targets, targets_weight)
+  losses.precision(logit_precision)
   if chunk_size:
     chunked.check_chunk(chunk_size, batch_size)
 
@@ -81,11 +86,11 @@ def make_loss(loss_name: str, targets: str = "pairs", targets_weight: float = 1.
     if chunk_size:
       loss, metrics = chunked.loss(loss_name, zimg, ztxt, scale, bias, losses.keys(batch),
                                    mesh=mesh, chunk=chunk_size, targets=targets,
-                                   weight=targets_weight)
+                                   weight=targets_weight, logit_precision=logit_precision)
     else:
       masks = losses.matches(batch)
       loss, metrics = loss_fn(zimg, ztxt, scale, bias, losses.positives(targets, masks),
-                              targets_weight)
+                              targets_weight, logit_precision)
       metrics.update(losses.duplicate_fractions(masks))
     metrics["logit_scale"] = scale
     if bias is not None:
@@ -127,7 +132,8 @@ def make_step(config, model, normalize, mesh, tx, labels, lr_schedule,
   (default `config.input.batch_size`)."""
   batch_size = batch_size or config.input.batch_size
   loss_and_metrics = make_loss(config.loss, config.loss_targets, config.loss_targets_weight,
-                               config.loss_chunk_size, mesh, batch_size)
+                               config.loss_chunk_size, mesh, batch_size,
+                               config.logit_precision)
   grad_cache.check(config.micro_batches, sharding.batch_size_per_shard(mesh, batch_size))
   value_and_grad = None
   if config.micro_batches > 1:

@@ -74,7 +74,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
                                 std=config.input.std)
   contrastive_objective = contrastive.make_objective(
       towers, config.loss, normalize, config.loss_targets, config.loss_targets_weight,
-      config.loss_chunk_size, setup.mesh, config.input.batch_size)
+      config.loss_chunk_size, setup.mesh, config.input.batch_size, config.logit_precision)
   weights = {k: optim.cosine(w.start, w.end, config.total_steps)
              for k, w in config.loss_weights.items()}
   teacher_temp = optim.warmup_then_constant(d.warmup_teacher_temp, d.teacher_temp,
