@@ -52,19 +52,34 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
+def _interleave(arrays):
+  """[B, ...] x V -> [B * V, ...], example-major (an example's views adjacent). With the batch
+  split over devices, each device's rows stay on it; concatenating the views instead would
+  move rows between devices (all-to-alls and permutes in every step)."""
+  stacked = jnp.stack(arrays, axis=1)
+  return stacked.reshape(-1, *stacked.shape[2:])
+
+
+def split_views(outputs, num_views: int) -> list:
+  """The inverse of `views`' layout: [B * V, ...] -> V arrays of [B, ...]."""
+  grouped = outputs.reshape(-1, num_views, *outputs.shape[1:])
+  return [grouped[:, v] for v in range(num_views)]
+
+
 def views(batch, num_local: int):
-  """(the two global crops stacked, the local crops stacked or None) of a batch."""
-  global_views = jnp.concatenate([batch["global_0"], batch["global_1"]])
+  """(the two global crops, the local crops or None) of a batch, each set in one array whose
+  rows `split_views` separates again."""
+  global_views = _interleave([batch["global_0"], batch["global_1"]])
   if not num_local:
     return global_views, None
-  return global_views, jnp.concatenate([batch[f"local_{i}"] for i in range(num_local)])
+  return global_views, _interleave([batch[f"local_{i}"] for i in range(num_local)])
 
 
 def student_outputs(apply, params, global_views, local_views, num_local, rng):
   """Prototype logits of every view, one array per view, global views first."""
-  outputs = jnp.split(apply(params, global_views, rng), 2)
+  outputs = split_views(apply(params, global_views, rng), 2)
   if num_local:
-    outputs += jnp.split(apply(params, local_views, rng), num_local)
+    outputs += split_views(apply(params, local_views, rng), num_local)
   return outputs
 
 
@@ -99,8 +114,8 @@ def make_step(model, tx, labels, lr_schedule, config, normalize):
   def step(state, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     global_views, local_views = views(batch, d.num_local)
-    teacher = jnp.split(model.apply({"params": state["teacher"]}, normalize(global_views))[0],
-                        2)
+    teacher = split_views(
+        model.apply({"params": state["teacher"]}, normalize(global_views))[0], 2)
     temp = teacher_temp(state["step"])
     trainable, frozen = optim.split(state["params"], labels)
 

@@ -90,7 +90,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   def step(state, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     global_views, local_views = dino.views(batch, d.num_local)
-    teacher = jnp.split(views_logits(state["teacher"], global_views), 2)
+    teacher = dino.split_views(views_logits(state["teacher"], global_views), 2)
     temp = teacher_temp(state["step"])
     w_contrastive, w_dino = (weights[k](state["step"]) for k in ("contrastive", "dino"))
     trainable, frozen = optim.split(state["params"], spec.labels)
