@@ -102,21 +102,48 @@ class EncoderBlock(nn.Module):
     return x + drop(scale("ls2", y))
 
 
+# `remat` of a tower (model.img.remat / model.txt.remat): what each block keeps for the
+# backward pass; the rest is recomputed there. "full" (or True) keeps only the block's input;
+# "dots" keeps the weight matmuls' outputs and recomputes the cheap elementwise work (norms,
+# GELU, attention softmax); "dots_all" also keeps the attention matmuls. False / "none": keep
+# everything (fastest, most memory).
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_all": jax.checkpoint_policies.dots_saveable,
+}
+
+
+def remat_policy(remat: bool | str):
+  """(whether to rematerialise, the jax.checkpoint policy) of a `remat` setting."""
+  if remat is False or remat == "none":
+    return False, None
+  if remat is True:
+    remat = "full"
+  if remat not in REMAT_POLICIES:
+    raise config_lib.ConfigError(
+        f"remat={remat!r}: expected True, False, 'none' or one of {list(REMAT_POLICIES)}")
+  return True, REMAT_POLICIES[remat]
+
+
 class Encoder(nn.Module):
-  """`depth` blocks and a final LayerNorm. `remat` recomputes blocks in the backward pass."""
+  """`depth` blocks and a final LayerNorm. `remat` (see REMAT_POLICIES) recomputes parts of
+  the blocks in the backward pass."""
   depth: int
   num_heads: int
   mlp_dim: int
   activation: str = "gelu"
   dropout: float = 0.0
   layer_norm_eps: float = 1e-6
-  remat: bool = False
+  remat: bool | str = False
   dtype: Any = jnp.float32
   layer_scale: float | None = None
 
   @nn.compact
   def __call__(self, x, mask=None, train: bool = False):
-    block = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
+    remat, policy = remat_policy(self.remat)
+    block = (nn.remat(EncoderBlock, static_argnums=(3,), policy=policy) if remat
+             else EncoderBlock)
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_dim, self.activation, self.dropout,
                 self.layer_norm_eps, self.layer_scale, self.dtype,

@@ -32,7 +32,7 @@ class Model(nn.Module):
   activation: str = "gelu"
   dropout: float = 0.0
   layer_norm_eps: float = 1e-6
-  remat: bool = False
+  remat: bool | str = False  # See layers.REMAT_POLICIES.
   dtype: Any = jnp.float32
   mask_padding: bool = True  # Bidirectional towers: padding is not attended to.
   head_bias: bool = True

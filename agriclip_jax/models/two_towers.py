@@ -108,6 +108,10 @@ def tower_kwargs(config: Mapping[str, Any], kind: str, out_dim: int | None,
   if variant:
     base = vit.parse_variant(variant) if kind == "img" else layers.size(variant)
   base.update(kwargs)
+  try:
+    layers.remat_policy(base.get("remat", False))
+  except config_lib.ConfigError as e:
+    raise config_lib.ConfigError(f"model.{kind}.{e}") from None
   base["num_classes"] = out_dim if head else None
   base["dtype"] = DTYPES[dtype]
   return base

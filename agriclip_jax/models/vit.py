@@ -42,7 +42,7 @@ class Model(nn.Module):
   activation: str = "gelu"
   dropout: float = 0.0
   layer_norm_eps: float = 1e-6
-  remat: bool = False
+  remat: bool | str = False  # See layers.REMAT_POLICIES.
   dtype: Any = jnp.float32
   class_token: bool | None = None  # None: only for pool_type "tok".
   num_registers: int = 0
