@@ -210,3 +210,21 @@ def test_unknown_remat_policy_is_one_line():
   config.img.remat = "everything"
   with pytest.raises(ValueError, match=r"model.img.remat='everything': expected True"):
     two_towers.make(config, vocab_size=30)
+
+
+def test_bfloat16_towers_compute_matmuls_in_bf16_and_keep_float32_parameters_and_outputs():
+  model_32 = two_towers.make(_two_tower_config(), vocab_size=30)
+  model_16 = two_towers.make(_two_tower_config(dtype="bfloat16"), vocab_size=30)
+  images = jax.random.uniform(jax.random.key(2), (3, 8, 8, 3))
+  tokens = jnp.array([[2, 4, 7, 1, 0]] * 3)
+  params = model_16.init(jax.random.key(0), images, tokens)["params"]
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  jaxpr = jax.make_jaxpr(lambda p: model_16.apply({"params": p}, images, tokens))(params)
+  matmuls = [e for e in jaxpr.jaxpr.eqns if e.primitive.name in ("dot_general",
+                                                                  "conv_general_dilated")]
+  assert matmuls and all(v.aval.dtype == jnp.bfloat16 for e in matmuls for v in e.invars)
+  zimg, ztxt, _ = model_16.apply({"params": params}, images, tokens)
+  assert zimg.dtype == ztxt.dtype == jnp.float32  # The loss sees float32 embeddings.
+  zimg_32, ztxt_32, _ = model_32.apply({"params": params}, images, tokens)
+  np.testing.assert_allclose(zimg, zimg_32, atol=3e-2)
+  np.testing.assert_allclose(ztxt, ztxt_32, atol=3e-2)
