@@ -53,7 +53,7 @@ def _value_and_grads(fn, mesh, zimg, ztxt, bias, batch):
   return jax.jit(grad_fn)(*args)
 
 
-@pytest.mark.parametrize("mesh_name", list(MESHES))
+@pytest.mark.parametrize("mesh_name", ["1 device", "4x2 data/fsdp"])
 @pytest.mark.parametrize("targets,weight", [("pairs", 1.0), ("labels", 0.7), ("texts", 1.0)])
 @pytest.mark.parametrize("name,bias", [("softmax", None), ("sigmoid", -3.0)])
 def test_chunked_loss_gradients_and_metrics_equal_the_plain_form(mesh_name, targets, weight,
