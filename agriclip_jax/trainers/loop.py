@@ -6,9 +6,10 @@
   past the step it starts from: those steps are trained again.
 - Checks every step's loss and gradient norm for non-finite values once the device has
   computed them, up to MAX_UNCHECKED steps behind, so the device queue stays full; a
-  non-finite value stops the run naming the step, and no checkpoint is ever written after it. The loss and gradient are those before the step's update, so the state
-  itself is also checked before each save: an update that overflows the parameters would
-  otherwise be saved, and every re-run would resume into NaN.
+  non-finite value stops the run naming the step, and no checkpoint is ever written after it.
+  The loss and gradient are those before the step's update, so the state itself is also
+  checked before each save: an update that overflows the parameters would otherwise be saved,
+  and every re-run would resume into NaN.
 - SIGTERM (single process) or JAX's preemption sync point (multi-process) saves a checkpoint
   and stops with `Preempted`.
 - Counts the training examples whose image failed to decode (the input pipeline replaced each
@@ -178,7 +179,7 @@ class Loop:
     try:
       while step < total:
         if stop.reached(step):
-          self._check(unchecked)
+          unchecked = self._check(unchecked)
           if checkpoints.latest_step() != step:  # It may have just been saved.
             self._save(checkpoints, step, state)
           checkpoints.wait()
@@ -194,14 +195,14 @@ class Loop:
         progress(step)
         due = functools.partial(config_lib.every, step, total=total)
         if due(config.log_every):
-          self._check(unchecked)
+          unchecked = self._check(unchecked)
           self._log(step, since_log)
           since_log = []
         if any(due(every) for _, every, _ in self.evaluators):
-          self._check(unchecked)
+          unchecked = self._check(unchecked)
           last_eval = self.evaluate(state, step, due) or last_eval
         if due(config.checkpoint_every):
-          self._check(unchecked)
+          unchecked = self._check(unchecked)
           self._save(checkpoints, step, state)
       checkpoints.wait()
       if not last_eval:  # Resumed at the last step after its evaluation was lost.
@@ -252,7 +253,8 @@ class Loop:
       unchecked = unchecked[1:]
     return unchecked
 
-  def _check(self, unchecked) -> None:
+  def _check(self, unchecked) -> list:
+    """Checks every step of `unchecked` (waiting for the device); returns what is left: none."""
     for step, step_metrics in unchecked:
       for key in FINITE_KEYS:
         value = float(step_metrics[key])
@@ -260,6 +262,7 @@ class Loop:
           raise NonFiniteError(
               f"{key} is {value} at step {step}; stopped. Checkpoints before this step are "
               f"kept in {self.workdir}/checkpoints")
+    return []
 
   def _save(self, checkpoints: checkpointing.Checkpoints, step: int, state) -> None:
     """Saves `state` unless a float in it is NaN or infinite (then NonFiniteError)."""
