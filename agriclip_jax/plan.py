@@ -151,37 +151,33 @@ class Planner:
     return figures
 
   def loss_temp_bytes(self, global_batch: int) -> int:
-    """Temporaries of the loss and its gradient alone, on embeddings of the global batch."""
+    """Temporaries of the config's loss (as the step computes it, metrics included) and its
+    gradient alone, on embeddings of the global batch."""
     import jax  # pylint: disable=g-import-not-at-top
     from agriclip_jax import sharding  # pylint: disable=g-import-not-at-top
-    from agriclip_jax.losses import chunked  # pylint: disable=g-import-not-at-top
-    from agriclip_jax.losses import contrastive as losses  # pylint: disable=g-import-not-at-top
+    from agriclip_jax.trainers import contrastive  # pylint: disable=g-import-not-at-top
     config = self.config
-    rows = sharding.batch_sharding(self.mesh)
-    emb = jax.ShapeDtypeStruct((global_batch, self.out_dim), jax.numpy.float32, sharding=rows)
-    batch = self._batch(global_batch)
-    bias = None if config.model.logit_bias_init is None else jax.numpy.float32(0.0)
+    loss_and_metrics = contrastive.make_loss(
+        config.loss, config.loss_targets, config.loss_targets_weight, config.loss_chunk_size,
+        self.mesh, global_batch, config.logit_precision)
+    emb = jax.ShapeDtypeStruct((global_batch, self.out_dim), jax.numpy.float32,
+                               sharding=sharding.batch_sharding(self.mesh))
+    scalars = {"logit_scale": jax.numpy.float32(10.0)}
+    if config.model.logit_bias_init is not None:
+      scalars["logit_bias"] = jax.numpy.float32(0.0)
 
-    def loss(zimg, ztxt, text, label):
-      keyed = {"text": text, "label": label}
-      if config.loss_chunk_size:
-        return chunked.loss(config.loss, zimg, ztxt, 10.0, bias, losses.keys(keyed),
-                            mesh=self.mesh, chunk=config.loss_chunk_size,
-                            targets=config.loss_targets, weight=config.loss_targets_weight)[0]
-      masks = losses.matches(keyed)
-      value, _ = losses.get(config.loss)(zimg, ztxt, 10.0, bias,
-                                         losses.positives(config.loss_targets, masks),
-                                         config.loss_targets_weight)
-      return value + sum(losses.duplicate_fractions(masks).values())
+    def loss(zimg, ztxt, batch):
+      return loss_and_metrics(zimg, ztxt, scalars, batch)
 
-    compiled = jax.jit(jax.grad(loss, (0, 1))).lower(
-        emb, emb, batch["text"], batch["label"]).compile()
+    grad_fn = jax.grad(loss, (0, 1), has_aux=True)
+    compiled = jax.jit(grad_fn).lower(emb, emb, self._batch(global_batch)).compile()
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
   def largest_batch(self, budget_bytes: int, start: int, limit: int = 16) -> dict | None:
     """The largest per-device batch whose step's peak fits `budget_bytes`: doubling from
     `start`, then bisection, over multiples of the size that keeps the global batch divisible
-    by the loss chunk and the shard by the micro-batches; at most `limit` compiles. None when the smallest does not fit."""
+    by the loss chunk and the shard by the micro-batches; at most `limit` compiles. None when
+    the smallest does not fit."""
     chunk = self.config.loss_chunk_size
     unit = math.lcm(chunk // math.gcd(chunk, self.shards) if chunk else 1,
                     self.config.micro_batches)
