@@ -127,8 +127,8 @@ def loss(name: str, zimg, ztxt, scale, bias, keys: dict[str, jax.Array], *, mesh
   contrastive.get(name)
   contrastive.check_targets(targets, weight)
   sigmoid = name == "sigmoid"
-  if sigmoid and bias is None:
-    contrastive.sigmoid_loss(zimg, ztxt, scale, bias)  # Its one-line error.
+  if sigmoid:
+    contrastive.require_bias(bias)
   axes = sharding.batch_axes(mesh)
   if not axes:
     raise config_lib.ConfigError(

@@ -142,6 +142,12 @@ def softmax_loss(zimg, ztxt, scale, bias=None, positive=None, weight=1.0,
                 **logit_metrics(logits, positive)}
 
 
+def require_bias(bias) -> None:
+  if bias is None:
+    raise config_lib.ConfigError(
+        "the sigmoid loss needs a learned bias (set model.logit_bias_init, e.g. -10)")
+
+
 def sigmoid_loss(zimg, ztxt, scale, bias, positive=None, weight=1.0,
                  logit_precision="highest"):
   """SigLIP: every (image, text) pair is a binary problem; summed per image, mean over images.
@@ -150,9 +156,7 @@ def sigmoid_loss(zimg, ztxt, scale, bias, positive=None, weight=1.0,
   (1: a positive like the own pair; between 0 and 1: a soft target). Without a mask this is
   SigLIP's loss exactly.
   """
-  if bias is None:
-    raise config_lib.ConfigError(
-        "the sigmoid loss needs a learned bias (set model.logit_bias_init, e.g. -10)")
+  require_bias(bias)
   logits = _logits(zimg, ztxt, scale, bias, logit_precision)
   eye = jnp.eye(logits.shape[0], dtype=bool)
   if positive is None or weight == 0:
