@@ -6,10 +6,10 @@
 Spec: image tower ViT-Ti/16 at 224 px (width 192, depth 12, 3 heads, MLP 768), text tower
 width 256, depth 6, 4 heads, context 32, vocab 10000, embeddings 256, float32, AdamW, random
 inputs (no data pipeline). `--dtype bfloat16` runs the towers' matmuls in bf16 (parameters,
-optimizer state and loss stay float32); `--micro_batches` times the embedding-cache step. FLOPs per sample come from XLA's cost analysis of the compiled step;
-MFU is achieved FLOP/s over the float32 matmul throughput measured in the same process. CLIP
-trains both towers; LiT freezes the image tower (no image backward pass, no image optimizer
-state).
+optimizer state and loss stay float32); `--micro_batches` times the embedding-cache step.
+FLOPs per sample come from XLA's cost analysis of the compiled step; MFU is achieved FLOP/s
+over the float32 matmul throughput measured in the same process. CLIP trains both towers; LiT
+freezes the image tower (no image backward pass, no image optimizer state).
 """
 
 import json
