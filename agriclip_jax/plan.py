@@ -119,9 +119,16 @@ class Planner:
     rows = sharding.batch_sharding(self.mesh)
     size, length = self.config.input.image_size, self.config.tokenizer.max_len
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rows)
-    return {"image": spec((global_batch, size, size, 3), jax.numpy.uint8),
-            "text": spec((global_batch, length), jax.numpy.int32),
-            "label": spec((global_batch,), jax.numpy.int32)}
+    batch = {"image": spec((global_batch, size, size, 3), jax.numpy.uint8),
+             "text": spec((global_batch, length), jax.numpy.int32),
+             "label": spec((global_batch,), jax.numpy.int32)}
+    if self.config.image_cache.enabled:  # The step reads cached features, not images.
+      from agriclip_jax.models import two_towers  # pylint: disable=g-import-not-at-top
+      from agriclip_jax.trainers import image_cache  # pylint: disable=g-import-not-at-top
+      del batch["image"]
+      batch[image_cache.FEATURES] = spec(
+          (global_batch, two_towers.feature_width(self.model.image)), jax.numpy.float32)
+    return batch
 
   def step(self, per_device: int) -> dict:
     """Figures of the train step at `per_device` examples per batch shard."""

@@ -30,7 +30,9 @@ head=<bool: trainable linear head on the locked tower>, inat=<weight of iNatural
 into the training data, relative to ALive's 1; 0 = none>, tower=<family of an imported image
 tower: timm, clip, open_clip, siglip, dino, dinov2, hf_vit, or resnet (a DINO /
 torchvision ResNet; img=resnet50 by default)>, size=<image size>, registers=<register
-tokens of the imported tower (DINOv2 with registers: 4)>.
+tokens of the imported tower (DINOv2 with registers: 4)>, cache=<views: train from the locked
+tower's features, computed once per image and view before the first step (0 = the centre crop
+only; trainers/image_cache.py); -1 (default) = run the tower every step>.
 """
 
 from agriclip_jax import config_lib
@@ -46,7 +48,7 @@ IMAGE_PRETRAIN_DEMO = "configs/image_pretrain.py:demo"
 def get_config(arg=None):
   options = config_lib.parse_arg(arg, demo=False, img="B/16", txt="B", batch=0, steps=0,
                                  inat=0.0,
-                                 head=True, tower="", size=0, registers=0)
+                                 head=True, tower="", size=0, registers=0, cache=-1)
   config = contrastive.default_config()
   # Locked image: the trunk is frozen; only its optional linear head learns, with the text.
   config.optim.rules = [("img/head/.*", {}), ("img/.*", None), (".*", {})]
@@ -75,6 +77,9 @@ def get_config(arg=None):
     config.input.batch_size = options.batch
   if options.steps:
     config.total_steps = options.steps
+  if options.cache >= 0:
+    config.image_cache.enabled = True
+    config.image_cache.views = options.cache
   return config
 
 

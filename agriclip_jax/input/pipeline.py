@@ -85,10 +85,17 @@ class TrainTransform:
   label_offset: int = 0  # Added to the label (keeps several datasets' classes apart).
   crop_scale: tuple[float, float] = (0.5, 1.0)
   flip: bool = True
+  # Set: the example carries precomputed views of its image under this key ([views, width]),
+  # and whether each decoded under `features_key + "_valid"`; one is drawn per step and
+  # returned as that key instead of an image (LiT from an image cache).
+  features_key: str | None = None
 
   def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    out = {"image": image_of(example, self.image_key, lambda data: preprocess.train_image(
-        data, self.image_size, rng, scale=self.crop_scale, flip=self.flip))}
+    if self.features_key is not None:
+      out = {self.features_key: cached_view(example, self.features_key, rng)}
+    else:
+      out = {"image": image_of(example, self.image_key, lambda data: preprocess.train_image(
+          data, self.image_size, rng, scale=self.crop_scale, flip=self.flip))}
     if self.tokenize is not None:
       text_rng = rng
       if self.text_choice == "example":
@@ -152,6 +159,19 @@ def image_of(example: dict[str, Any], key: str, decode: Callable[[bytes], np.nda
     name = example.get("id", example.get("image_path", example.get("file_name", "(no id)")))
     name = name.decode() if isinstance(name, bytes) else name
     raise preprocess.CorruptImageError(f"example {name}: {e}") from None
+
+
+def cached_view(example: dict[str, Any], key: str, rng: np.random.Generator) -> np.ndarray:
+  """One of an example's cached views, drawn with `rng`; CorruptImageError where its image
+  did not decode when the cache was built."""
+  views = example[key]
+  view = int(rng.integers(len(views)))
+  if not example[key + "_valid"][view]:
+    name = example.get("id", example.get("image_path", example.get("file_name", "(no id)")))
+    name = name.decode() if isinstance(name, bytes) else name
+    raise preprocess.CorruptImageError(
+        f"example {name}: its image did not decode when the image cache was built")
+  return views[view]
 
 
 def pick_text(value, rng: np.random.Generator | None = None) -> str:

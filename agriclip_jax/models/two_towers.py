@@ -39,7 +39,9 @@ class Model(nn.Module):
   max_logit_scale: float = 100.0
 
   @nn.compact
-  def __call__(self, images=None, tokens=None, train: bool = False):
+  def __call__(self, images=None, tokens=None, train: bool = False, image_features=None):
+    """`image_features` (the image trunk's `pre_logits`, e.g. from an image cache) stand in
+    for `images`: only the image tower's head runs on them."""
     logit_scale = self.param("logit_scale", nn.initializers.constant(
         np.log(self.logit_scale_init)), (), jnp.float32)
     extras = {"logit_scale": jnp.exp(jnp.minimum(logit_scale, np.log(self.max_logit_scale)))}
@@ -47,9 +49,13 @@ class Model(nn.Module):
       extras["logit_bias"] = self.param(
           "logit_bias", nn.initializers.constant(self.logit_bias_init), (), jnp.float32)
     zimg = ztxt = None
-    if images is not None:
+    if image_features is not None:
+      zimg = ImageHead(self.image.get("num_classes"), self.image.get("head_bias", True),
+                       self.image["dtype"], name="img")(image_features)
+    elif images is not None:
       zimg, extras["img"] = image_tower(self.image)(**self.image, name="img")(images,
                                                                               train=train)
+    if zimg is not None:
       zimg = zimg.astype(jnp.float32)
       extras["img/norm"] = jnp.linalg.norm(zimg, axis=-1)
       zimg = l2_normalize(zimg)
@@ -59,6 +65,21 @@ class Model(nn.Module):
       extras["txt/norm"] = jnp.linalg.norm(ztxt, axis=-1)
       ztxt = l2_normalize(ztxt)
     return zimg, ztxt, extras
+
+
+class ImageHead(nn.Module):
+  """The image tower's head alone (parameters `head/...`, as in the tower): what a LiT run
+  from cached trunk features trains. No head (`num_classes` None): the features pass as
+  they are."""
+  num_classes: int | None
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.num_classes:
+      x = nn.Dense(self.num_classes, use_bias=self.use_bias, dtype=self.dtype, name="head")(x)
+    return x
 
 
 def image_tower(kwargs: Mapping[str, Any]) -> type[nn.Module]:
@@ -71,6 +92,11 @@ def embedding_width(kwargs: Mapping[str, Any]) -> int:
   features' (a ResNet's last stage)."""
   if kwargs.get("num_classes"):
     return kwargs["num_classes"]
+  return feature_width(kwargs)
+
+
+def feature_width(kwargs: Mapping[str, Any]) -> int:
+  """Width of an image tower's features before its head (`pre_logits`)."""
   return resnet.feature_width(kwargs) if "depths" in kwargs else kwargs["width"]
 
 

@@ -134,7 +134,7 @@ RESUME_NEUTRAL = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoin
                   "eval_batch_size", "input.data_dir", "input.num_threads",
                   "input.worker_count", "input.max_undecodable", "input.max_undecodable_rate",
                   "mesh", "sharding_rules", "fsdp_min_size", "init", "requires",
-                  "allow_config_change")
+                  "allow_config_change", "image_cache.dir", "image_cache.shard_size")
 
 
 def save_config(config, workdir: str) -> None:
@@ -355,10 +355,12 @@ class Setup:
     return spec, tx, lr_schedule
 
   def run(self, spec, step: Callable, make_transform: Callable[[dict], Any],
-          encode_images, encode_texts=None, tokenizer=None) -> dict[str, Any]:
+          encode_images, encode_texts=None, tokenizer=None,
+          before_training: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Compiles `step(state, batch) -> (state, metrics)`, builds the data iterator and the
     evaluators, and runs the loop. `make_transform(component)` is one dataset's per-example
-    training transform; evaluators see `state[spec.eval_key]` as their parameters.
+    training transform; evaluators see `state[spec.eval_key]` as their parameters;
+    `before_training(state)` runs before the first step (see Loop).
     """
     config = self.config
     rows = pipeline.rows_of_process(self.batch_sharding, config.input.batch_size)
@@ -378,7 +380,7 @@ class Setup:
         train_step=jit_step(step, spec, self.mesh),
         train_iter=train_iter, batch_sharding=self.batch_sharding,
         evaluators=evaluators.build(config.evals, context, config.eval_every),
-        writer=self.writer)
+        writer=self.writer, before_training=before_training)
     try:
       return loop.run()
     finally:

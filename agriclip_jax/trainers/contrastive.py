@@ -20,6 +20,7 @@ from agriclip_jax.losses import contrastive as losses
 from agriclip_jax.models import two_towers
 from agriclip_jax.trainers import common
 from agriclip_jax.trainers import grad_cache
+from agriclip_jax.trainers import image_cache
 from agriclip_jax.trainers import state as state_lib
 
 # Free-form fields checked elsewhere: evaluator configs and tower keyword arguments.
@@ -66,6 +67,8 @@ def default_config() -> ml_collections.ConfigDict:
   # Precision of the loss's image-text matmul (losses.contrastive.PRECISIONS): "highest"
   # (float32) or "default" (the accelerator's fast reduced-precision passes).
   config.logit_precision = "highest"
+  # LiT: train from the locked image trunk's features, computed once (trainers/image_cache).
+  config.image_cache = image_cache.default_config()
   return config
 
 
@@ -106,6 +109,12 @@ def embed(model, normalize, params, batch, rng):
                      rngs={"dropout": rng})
 
 
+def embed_cached(model, params, batch, rng):
+  """A training forward pass from cached image trunk features (only the image head runs)."""
+  return model.apply({"params": params}, None, batch["text"], train=True,
+                     rngs={"dropout": rng}, image_features=batch[image_cache.FEATURES])
+
+
 def norm_metrics(extras) -> dict:
   return {"img/norm": extras["img/norm"].mean(), "txt/norm": extras["txt/norm"].mean()}
 
@@ -115,10 +124,12 @@ def make_objective(model, loss_name: str, normalize, *loss_args, **loss_kwargs):
   return objective_of(model, normalize, make_loss(loss_name, *loss_args, **loss_kwargs))
 
 
-def objective_of(model, normalize, loss_and_metrics):
+def objective_of(model, normalize, loss_and_metrics, embed_fn=None):
+  """`embed_fn(params, batch, rng)`: the forward pass (default `embed`)."""
+  embed_fn = embed_fn or functools.partial(embed, model, normalize)
 
   def objective(params, batch, rng):
-    zimg, ztxt, extras = embed(model, normalize, params, batch, rng)
+    zimg, ztxt, extras = embed_fn(params, batch, rng)
     loss, metrics = loss_and_metrics(zimg, ztxt, extras, batch)
     return loss, dict(metrics, **norm_metrics(extras))
 
@@ -127,21 +138,23 @@ def objective_of(model, normalize, loss_and_metrics):
 
 def make_step(config, model, normalize, mesh, tx, labels, lr_schedule,
               batch_size: int | None = None):
-  """The train step a config describes: its loss (plain or chunked) and, with
-  `config.micro_batches` > 1, the embedding-cache gradient. `batch_size`: the global batch
-  (default `config.input.batch_size`)."""
+  """The train step a config describes: its loss (plain or chunked), with
+  `config.micro_batches` > 1 the embedding-cache gradient, and with `config.image_cache`
+  images replaced by their cached features. `batch_size`: the global batch (default
+  `config.input.batch_size`)."""
   batch_size = batch_size or config.input.batch_size
   loss_and_metrics = make_loss(config.loss, config.loss_targets, config.loss_targets_weight,
                                config.loss_chunk_size, mesh, batch_size,
                                config.logit_precision)
   grad_cache.check(config.micro_batches, sharding.batch_size_per_shard(mesh, batch_size))
+  embed_fn = (functools.partial(embed_cached, model) if config.image_cache.enabled
+              else functools.partial(embed, model, normalize))
   value_and_grad = None
   if config.micro_batches > 1:
-    value_and_grad = grad_cache.value_and_grad(
-        functools.partial(embed, model, normalize), loss_and_metrics, norm_metrics,
-        config.micro_batches)
-  return common.train_step(objective_of(model, normalize, loss_and_metrics), tx, labels,
-                           lr_schedule, value_and_grad)
+    value_and_grad = grad_cache.value_and_grad(embed_fn, loss_and_metrics, norm_metrics,
+                                               config.micro_batches)
+  return common.train_step(objective_of(model, normalize, loss_and_metrics, embed_fn), tx,
+                           labels, lr_schedule, value_and_grad)
 
 
 def label_offsets(config, sources) -> list[int | None]:
@@ -185,8 +198,9 @@ def setup_with_text(config, workdir: str):
 
 
 def transforms(config, setup, tokenizer):
-  """component -> its training transform: an image, a caption's tokens and, where the
-  datasets have class labels, the label (shifted per dataset by `label_offsets`)."""
+  """component -> its training transform: an image (with `config.image_cache`, one cached
+  view of its features), a caption's tokens and, where the datasets have class labels, the
+  label (shifted per dataset by `label_offsets`)."""
   offsets = label_offsets(config, setup.sources)
   by_dataset = {id(c): offset for (_, _, c), offset in zip(setup.sources, offsets)}
 
@@ -197,9 +211,35 @@ def transforms(config, setup, tokenizer):
         image_key=component["image_key"], text_key=component["text_key"],
         text_choice=component["text_choice"],
         label_key=None if offset is None else component["label_key"], label_offset=offset or 0,
-        crop_scale=tuple(config.input.crop_scale), flip=config.input.flip)
+        crop_scale=tuple(config.input.crop_scale), flip=config.input.flip,
+        features_key=image_cache.FEATURES if config.image_cache.enabled else None)
 
   return make_transform
+
+
+def use_image_cache(config, setup, model, normalize, spec):
+  """Points the run's training sources at image caches; returns the `before_training` hook
+  that builds (or finds) them from the state's locked image trunk."""
+  image_cache.check(config.image_cache, spec.labels, model.image)
+  originals = setup.sources
+  setup.sources = [(b, image_cache.CachedSource(s), c) for b, s, c in originals]
+  encode = image_cache.encoder(model, normalize)
+
+  def before_training(state):
+    digest = image_cache.trunk_digest(state["params"])
+    for (builder, source, component), (_, cached, _) in zip(originals, setup.sources):
+      description = image_cache.describe(config, component, builder, len(source), model.image,
+                                         digest)
+      root = config.image_cache.dir or os.path.join(os.fspath(builder.data_dir), "image_cache")
+      cache = image_cache.build(
+          os.path.join(root, image_cache.key_of(description)), source, description, encode,
+          state["params"], setup.mesh, config.eval_batch_size or config.input.batch_size,
+          dict(image_key=component["image_key"], image_size=config.input.image_size,
+               seed=config.seed, crop_scale=tuple(config.input.crop_scale),
+               flip=config.input.flip), config.input.num_threads)
+      cached.attach(cache)
+
+  return before_training
 
 
 def train(config: ml_collections.ConfigDict, workdir: str):
@@ -225,5 +265,9 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   def encode_texts(params, tokens):
     return model.apply({"params": params}, None, tokens)[1]
 
+  before_training = None
+  if config.image_cache.enabled:
+    before_training = use_image_cache(config, setup, model, normalize, spec)
   step = make_step(config, model, normalize, setup.mesh, tx, spec.labels, lr_schedule)
-  return setup.run(spec, step, make_transform, encode_images, encode_texts, tokenizer)
+  return setup.run(spec, step, make_transform, encode_images, encode_texts, tokenizer,
+                   before_training)

@@ -126,6 +126,9 @@ class Loop:
   batch_sharding: jax.sharding.NamedSharding
   evaluators: list  # [(name, every, evaluator)]
   writer: metric_writer.Writer
+  # Called with the restored or initialised state before the first step (and before the
+  # first batch is read): e.g. building the LiT image cache from the locked tower.
+  before_training: Callable[[Any], None] | None = None
 
   def __post_init__(self):
     self._undecodable = []  # Each step's count of undecodable examples (device), unread.
@@ -170,6 +173,8 @@ class Loop:
         os.path.join(self.workdir, "checkpoints"), config.keep_checkpoints)
     state = self._restore_or_init(checkpoints)
     step = int(state["step"])
+    if self.before_training is not None and step < total:
+      self.before_training(state)
     self.writer.drop_after(step)
     progress = periodic_actions.ReportProgress(
         num_train_steps=total, writer=self.writer.clu, every_secs=None if config.log_every

@@ -52,6 +52,10 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     raise config_lib.ConfigError(
         "config.micro_batches (the embedding cache) is implemented for the contrastive trainer "
         "only; the joint trainer takes its whole batch at once")
+  if config.image_cache.enabled:
+    raise config_lib.ConfigError(
+        "config.image_cache (LiT from cached image features) needs a locked image tower; the "
+        "joint trainer trains it")
   two_towers.require_vit(config.model.img, "joint training")
   setup, tokenizer, towers = contrastive.setup_with_text(config, workdir)
   image_tower = vit.Model(**towers.image)  # The `img` tower alone, for the views.

@@ -1,0 +1,299 @@
+"""LiT from cached image features: a locked image trunk runs once per image, not every step.
+
+With `config.image_cache.enabled`, the contrastive trainer runs the frozen image trunk over the
+training split once, before its first step, and stores the features the trainable image head
+reads (`pre_logits`); training then reads those features instead of decoding and embedding
+images, and samples one of `views` stored views of each image per step (`views=0`: one view,
+the centre crop that evaluation uses). Evaluation still runs the real image tower.
+
+- **Keyed**: a cache lives under a key of everything its numbers depend on: the dataset, split
+  and class selection, the tower's architecture and dtype, a digest of the trunk's weights,
+  the preprocessing (size, mean, std, crop and flip for augmented views, the seed that draws
+  them) and the number of views. Later runs with the same key reuse it; a change of any of them
+  builds a new one beside it. `meta.json` in each cache says what it holds.
+- **Sharded**: every device of every process embeds a share of each batch (the image tower's
+  usual sharding); process 0 writes the gathered shard files, so the directory must be shared
+  by all processes (as checkpoints are).
+- **Resumable**: the cache is written in shards of `shard_size` examples, each written
+  atomically; an interrupted build resumes at the first missing shard. The features of a view
+  depend only on the example, the view and the seed, so a resumed build writes the same bytes.
+- **Undecodable images** are counted, named in warnings and marked invalid in the cache;
+  training replaces such an example with the next one of its stream, as it does when decoding.
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+
+from agriclip_jax import config_lib
+from agriclip_jax import optim
+from agriclip_jax import sharding
+from agriclip_jax.input import pipeline
+from agriclip_jax.input import preprocess
+
+META = "meta.json"
+FORMAT = 1
+# Keys of the training example that carry its cached views and whether each decoded.
+FEATURES, VALID = "image_features", "image_features_valid"
+
+
+def default_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      enabled=False,  # LiT only: train from the locked image trunk's cached features.
+      views=0,  # Augmented views per image (random crop + flip); 0 = the centre crop only.
+      shard_size=4096,  # Examples per cache file (the unit an interrupted build resumes by).
+      dir="",  # "" = beside the (first) training dataset, under image_cache/<key>.
+  ))
+
+
+def check(config, labels: dict[str, str], img_kwargs: dict[str, Any]) -> None:
+  """One line unless the cache can stand in for the image trunk: every image parameter except
+  the head is frozen, and the tower has no dropout."""
+  moving = [k for k, label in labels.items() if k.startswith("img/")
+            and not k.startswith("img/head/") and label != optim.FROZEN]
+  if moving:
+    raise config_lib.ConfigError(
+        f"config.image_cache.enabled needs a locked image tower, but {len(moving)} of its "
+        f"parameters train (e.g. {moving[0]}); freeze them in config.optim.rules (LiT: "
+        "[('img/head/.*', {}), ('img/.*', None), ('.*', {})])")
+  if img_kwargs.get("dropout"):
+    raise config_lib.ConfigError(
+        f"config.image_cache.enabled: the image tower has dropout {img_kwargs['dropout']}, "
+        "which cached features cannot reproduce; set model.img.dropout=0")
+  if config.views < 0:
+    raise config_lib.ConfigError(f"config.image_cache.views must not be negative; got "
+                                 f"{config.views}")
+  if config.shard_size < 1:
+    raise config_lib.ConfigError(f"config.image_cache.shard_size must be at least 1; got "
+                                 f"{config.shard_size}")
+
+
+def trunk_digest(params) -> str:
+  """SHA-1 of the image trunk's weights (every `img/` parameter but the head): names, shapes,
+  dtypes and bytes, gathered from every process."""
+  digest = hashlib.sha1()
+  for path, value in sorted(optim.flatten(params).items()):
+    if not path.startswith("img/") or path.startswith("img/head/"):
+      continue
+    if not getattr(value, "is_fully_addressable", True):
+      value = multihost_utils.process_allgather(value, tiled=True)
+    value = np.asarray(value)
+    digest.update(f"{path}:{value.shape}:{value.dtype}".encode())
+    digest.update(np.ascontiguousarray(value).tobytes())
+  return digest.hexdigest()
+
+
+def describe(config, component: dict[str, Any], builder, num_examples: int,
+             img_kwargs: dict[str, Any], digest: str) -> dict[str, Any]:
+  """What a cache's numbers depend on (its key is a digest of this)."""
+  views = config.image_cache.views
+  description = dict(
+      format=FORMAT, dataset=builder.info.full_name, split=component["split"],
+      classes=str(component["classes"]), image_key=component["image_key"],
+      num_examples=num_examples, tower={k: str(v) for k, v in sorted(img_kwargs.items())
+                                        if k != "num_classes"},
+      trunk_sha1=digest, image_size=config.input.image_size,
+      mean=list(config.input.mean), std=list(config.input.std), views=views,
+      shard_size=config.image_cache.shard_size)
+  if views:
+    description.update(crop_scale=list(config.input.crop_scale), flip=config.input.flip,
+                       seed=config.seed)
+  return description
+
+
+def key_of(description: dict[str, Any]) -> str:
+  return hashlib.sha1(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Cache:
+  """A finished cache: `features(i)` [views, width] float32 and `valid(i)` [views] of example
+  i, read from memory-mapped shard files (opened on first use in each process)."""
+
+  def __init__(self, directory: str):
+    with open(os.path.join(directory, META)) as f:
+      meta = json.load(f)
+    self.directory, self.meta = directory, meta
+    self.num_examples, self.shard_size = meta["num_examples"], meta["shard_size"]
+    self._maps = {}
+
+  def __getstate__(self):  # Worker processes open their own maps.
+    return {**self.__dict__, "_maps": {}}
+
+  def _shard(self, index: int):
+    shard, row = divmod(index, self.shard_size)
+    if shard not in self._maps:
+      self._maps[shard] = tuple(np.load(path, mmap_mode="r") for path in
+                                shard_paths(self.directory, shard))
+    features, valid = self._maps[shard]
+    return features[row], valid[row]
+
+  def features(self, index: int) -> np.ndarray:
+    return np.asarray(self._shard(index)[0])
+
+  def valid(self, index: int) -> np.ndarray:
+    return np.asarray(self._shard(index)[1])
+
+
+def shard_paths(directory: str, shard: int) -> tuple[str, str]:
+  return (os.path.join(directory, f"features-{shard:05d}.npy"),
+          os.path.join(directory, f"valid-{shard:05d}.npy"))
+
+
+def _save_atomically(path: str, array: np.ndarray) -> None:
+  with open(path + ".tmp", "wb") as f:
+    np.save(f, array)
+  os.replace(path + ".tmp", path)
+
+
+class CachedSource:
+  """A training source whose examples also carry their cached views (FEATURES, VALID), once
+  `attach` has given it its cache (the trainer builds it after the state exists)."""
+
+  def __init__(self, source):
+    self._source, self.cache = source, None
+
+  def attach(self, cache: Cache) -> None:
+    if cache.num_examples != len(self._source):
+      raise ValueError(f"cache {cache.directory} holds {cache.num_examples} examples, the "
+                       f"source {len(self._source)}")
+    self.cache = cache
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int):
+    if self.cache is None:
+      raise RuntimeError("CachedSource read before its cache was attached")
+    return {**self._source[index], FEATURES: self.cache.features(index),
+            VALID: self.cache.valid(index)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _ViewTransform:
+  """(index, example) -> the image of one view: the centre crop (`view` None) or augmented
+  view `view`, its randomness drawn from (seed, index, view); an undecodable image gives
+  zeros and ok=False."""
+  image_key: str
+  image_size: int
+  view: int | None
+  seed: int
+  crop_scale: tuple[float, float]
+  flip: bool
+
+  def __call__(self, record) -> dict[str, Any]:
+    index, example = record
+    if self.view is None:
+      decode = lambda data: preprocess.eval_image(data, self.image_size)
+    else:
+      rng = np.random.default_rng([self.seed, index, self.view])
+      decode = lambda data: preprocess.train_image(data, self.image_size, rng,
+                                                   scale=self.crop_scale, flip=self.flip)
+    try:
+      image, ok = pipeline.image_of(example, self.image_key, decode), True
+    except preprocess.CorruptImageError as e:
+      logging.warning("image cache: %s; marked invalid (training skips it)", e)
+      image, ok = np.zeros((self.image_size, self.image_size, 3), np.uint8), False
+    return {"image": image, "ok": np.bool_(ok)}
+
+
+class _Indexed:
+  """(i, source[i]) for i in [start, stop)."""
+
+  def __init__(self, source, start: int, stop: int):
+    self._source, self._start, self._stop = source, start, stop
+
+  def __len__(self) -> int:
+    return self._stop - self._start
+
+  def __getitem__(self, index: int):
+    return self._start + index, self._source[self._start + index]
+
+
+def build(directory: str, source, description: dict[str, Any], encode: Callable, params,
+          mesh, batch_size: int, transform_args: dict[str, Any],
+          num_threads: int = 8) -> Cache:
+  """The cache in `directory`, built first (or finished, after an interruption) when needed.
+
+  `encode(params, images)` -> [batch, width] features of a global batch (jitted by the
+  caller, output replicated); `transform_args` are `_ViewTransform`'s fields but `view`.
+  """
+  if os.path.exists(os.path.join(directory, META)):
+    logging.info("Image cache: reusing %s", directory)
+    return Cache(directory)
+  num_examples, views = description["num_examples"], description["views"]
+  shard_size = description["shard_size"]
+  num_shards = math.ceil(num_examples / shard_size)
+  os.makedirs(directory, exist_ok=True)
+  done = [i for i in range(num_shards) if os.path.exists(shard_paths(directory, i)[0])]
+  if jax.process_count() > 1:  # Every process lists the shards before any is written.
+    multihost_utils.sync_global_devices("image_cache_listed")
+  if done:
+    logging.info("Image cache: resuming %s; %d of %d shards were written", directory,
+                 len(done), num_shards)
+  batch_sharding = sharding.batch_sharding(mesh)
+  rows = pipeline.rows_of_process(batch_sharding, batch_size)
+  gather = jax.jit(lambda p, batch: (encode(p, batch["image"]), batch["ok"]),
+                   out_shardings=sharding.replicated(mesh))
+  start, embedded = time.time(), 0
+  todo = [i for i in range(num_shards) if i not in done]
+  for n, shard in enumerate(todo):
+    lo, hi = shard * shard_size, min((shard + 1) * shard_size, num_examples)
+    features, valid = [], []
+    for view in (range(views) if views else [None]):
+      transform = _ViewTransform(view=view, **transform_args)
+      parts = [gather(params, sharding.global_batch({"image": b["image"], "ok": b["ok"]},
+                                                    batch_sharding))
+               for b in pipeline.eval_batches(_Indexed(source, lo, hi), transform, rows,
+                                              num_threads)]
+      features.append(np.concatenate([np.asarray(f) for f, _ in parts])[:hi - lo])
+      valid.append(np.concatenate([np.asarray(v) for _, v in parts])[:hi - lo])
+    features = np.stack(features, axis=1).astype(np.float32)
+    valid = np.stack(valid, axis=1)
+    if jax.process_index() == 0:
+      features_path, valid_path = shard_paths(directory, shard)
+      _save_atomically(valid_path, valid)
+      _save_atomically(features_path, features)  # Last: its presence marks the shard done.
+    embedded += (hi - lo) * max(views, 1)
+    rate = embedded / (time.time() - start)
+    remaining = sum(min((i + 1) * shard_size, num_examples) - i * shard_size
+                    for i in todo[n + 1:]) * max(views, 1)
+    logging.info("Image cache: shard %d of %d written (%.1f images/s, about %.0fs left)",
+                 shard + 1, num_shards, rate, remaining / rate)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("image_cache_shards_written")
+  if jax.process_index() == 0:
+    valid = [np.load(shard_paths(directory, i)[1]) for i in range(num_shards)]
+    invalid = int(sum((~v.all(axis=1)).sum() for v in valid))
+    meta = dict(description, undecodable=invalid,
+                width=int(np.load(shard_paths(directory, 0)[0], mmap_mode="r").shape[-1]))
+    with open(os.path.join(directory, META + ".tmp"), "w") as f:
+      json.dump(meta, f, indent=1)
+    os.replace(os.path.join(directory, META + ".tmp"), os.path.join(directory, META))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("image_cache_finished")
+  cache = Cache(directory)
+  logging.info("Image cache: %s built (%d views of %d examples; %d with an undecodable image) "
+               "in %.1fs", directory, max(views, 1), num_examples, cache.meta["undecodable"],
+               time.time() - start)
+  return cache
+
+
+def encoder(model, normalize) -> Callable:
+  """(params, images) -> the image trunk's features (what the head reads), float32."""
+
+  def encode(params, images):
+    _, _, extras = model.apply({"params": params}, normalize(images), None)
+    return extras["img"]["pre_logits"].astype(jnp.float32)
+
+  return encode
