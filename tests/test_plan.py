@@ -92,3 +92,30 @@ def test_plan_refuses_what_it_cannot_plan_in_one_line():
   uneven = plan(f"--config={TINY}", "--devices=8", "--config.input.batch_size=12")
   assert uneven.returncode == 2
   assert "not divisible by the 8 batch shards" in uneven.stderr.strip().splitlines()[-1]
+
+
+def test_a_lit_step_from_cached_features_skips_the_image_trunk():
+  """With config.image_cache the planned step reads features, not images, and costs less."""
+  lit = config_lib.load("tests/tiny_config.py:kind=lit")
+  from agriclip_jax import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  plain = plan_lib.Planner(lit).step(4)
+  lit.image_cache.enabled = True
+  cached = plan_lib.Planner(lit).step(4)
+  assert cached["batch_bytes"] == 4 * (32 * 4 + 16 * 4 + 4)  # 32 float32 features per image.
+  # The towers are the same size here and the locked one only runs forward: a third less.
+  assert cached["flops_per_device"] < 0.75 * plain["flops_per_device"]
+
+
+def test_loss_memory_benchmark_compiles_for_the_devices_it_reports():
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  env.pop("XLA_FLAGS", None)  # The benchmark sets its own device count (default 256).
+  result = subprocess.run(
+      [sys.executable, "-m", "agriclip_jax.benchmarks.loss_memory", "--batches=2048",
+       "--losses=softmax", f"--config={TINY}", "--chunk=64"], cwd=REPO, env=env,
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  figures = json.loads(result.stdout)
+  assert figures["devices"] == 256
+  (row,) = figures["rows"]
+  # 8 rows per device: the plain loss holds 8 x 2048 logits, the chunked 8 x 64 at a time.
+  assert row["plain_mib"] * 2**20 >= 8 * 2048 * 4 and row["plain_mib"] > row["chunked_mib"]

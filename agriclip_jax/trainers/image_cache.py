@@ -275,7 +275,7 @@ def build(directory: str, source, description: dict[str, Any], encode: Callable,
   if jax.process_index() == 0:
     valid = [np.load(shard_paths(directory, i)[1]) for i in range(num_shards)]
     invalid = int(sum((~v.all(axis=1)).sum() for v in valid))
-    meta = dict(description, undecodable=invalid,
+    meta = dict(description, undecodable=invalid, build_seconds=time.time() - start,
                 width=int(np.load(shard_paths(directory, 0)[0], mmap_mode="r").shape[-1]))
     with open(os.path.join(directory, META + ".tmp"), "w") as f:
       json.dump(meta, f, indent=1)
