@@ -103,6 +103,10 @@ class Planner:
                                                    config.total_steps)
     self.spec = state_lib.make_spec(model_init, self.tx, labels, self.mesh,
                                     config.sharding_rules, config.seed, config.fsdp_min_size)
+    if config.image_cache.enabled:  # As the trainer refuses them.
+      from agriclip_jax.trainers import image_cache  # pylint: disable=g-import-not-at-top
+      image_cache.check(config.image_cache, self.model.image)
+      image_cache.check_locked(labels)
     self.normalize = functools.partial(preprocess.normalize, mean=config.input.mean,
                                        std=config.input.std)
     self.out_dim = int(jax.tree.leaves(jax.eval_shape(

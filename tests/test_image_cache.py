@@ -18,6 +18,7 @@ import pytest
 from agriclip_jax import config_lib
 from agriclip_jax import optim
 from agriclip_jax import sharding
+from agriclip_jax.input import datasets
 from agriclip_jax.input import pipeline
 from agriclip_jax.input import preprocess
 from agriclip_jax.models import two_towers
@@ -82,9 +83,10 @@ def test_training_from_cached_features_equals_training_from_images(lit):
   assert drawn == {(0.0, 1.0), (2.0, 3.0), (4.0, 5.0)}
 
 
-def _description(views=0, digest="d", **input_overrides):
+def _description(views=0, digest="d", source=tuple(range(20)), tower=None,
+                 **input_overrides):
   config = config_lib.load("tests/tiny_config.py:kind=lit")
-  config.image_cache.update(views=views, shard_size=3)
+  config.image_cache.update(views=views, shard_size=10)  # 16 at global batches of 8.
   config.input.update(input_overrides)
 
   class Builder:
@@ -92,7 +94,8 @@ def _description(views=0, digest="d", **input_overrides):
       full_name = "fake/1.0.0"
 
   component = dict(split="train", classes="", image_key="image")
-  return image_cache.describe(config, component, Builder, 10, {"width": 32}, digest)
+  return image_cache.describe(config, component, Builder, source,
+                              tower or {"width": 32, "dtype": np.float32}, digest, 8)
 
 
 def test_the_cache_key_follows_what_the_features_depend_on(lit):
@@ -106,6 +109,17 @@ def test_the_cache_key_follows_what_the_features_depend_on(lit):
   assert (image_cache.key_of(_description(views=2, flip=False))
           != image_cache.key_of(_description(views=2)))
   assert image_cache.key_of(_description(flip=False)) == base
+  # A class selection is keyed by the examples it selects, not by how it was written.
+  subset = lambda ids: datasets.Subset(list(range(40)), ids)
+  assert (image_cache.key_of(_description(source=subset(range(20))))
+          == image_cache.key_of(_description(source=subset(list(range(20))))))
+  assert (image_cache.key_of(_description(source=subset(range(20))))
+          != image_cache.key_of(_description(source=subset(range(1, 21)))))
+  # Options that leave the trunk's features alone do not rebuild it; its dtype does.
+  tower = {"width": 32, "dtype": np.float32}
+  assert image_cache.key_of(_description(tower=dict(tower, remat="full"))) == base
+  assert image_cache.key_of(_description(tower=dict(tower, dtype=np.float16))) != base
+  assert _description()["shard_size"] == 16
   # The digest covers the trunk's weights, not the head that LiT trains.
   digest = image_cache.trunk_digest(params)
   flat = optim.flatten(params)
@@ -119,7 +133,7 @@ def test_the_cache_key_follows_what_the_features_depend_on(lit):
 
 def test_build_is_exact_resumable_reused_and_marks_undecodable_images(lit, tmp_path, caplog):
   config, model, params, normalize = lit
-  source = [{"image": _png(i), "label": i, "id": f"ex{i}"} for i in range(10)]
+  source = [{"image": _png(i), "label": i, "id": f"ex{i}"} for i in range(20)]
   source[7] = {"image": b"not an image", "label": 7, "id": "ex7"}
   mesh = sharding.make_mesh([("data", -1), ("fsdp", 1)])
   encode = image_cache.encoder(model, normalize)
@@ -128,8 +142,9 @@ def test_build_is_exact_resumable_reused_and_marks_undecodable_images(lit, tmp_p
   directory = str(tmp_path / "cache")
   cache = image_cache.build(directory, source, description, encode, params, mesh, 8, args, 2)
   assert cache.meta["undecodable"] == 1 and cache.meta["width"] == 32
-  assert len(glob.glob(os.path.join(directory, "features-*.npy"))) == 4  # 10 examples by 3.
-  for index in (0, 5, 9):  # Each view is the one its (seed, index, view) draws.
+  # 20 examples in shards of 16 (two global batches of 8) and 4.
+  assert len(glob.glob(os.path.join(directory, "features-*.npy"))) == 2
+  for index in (0, 9, 15, 16, 19):  # Each view is the one its (seed, index, view) draws.
     for view in range(2):
       image = preprocess.train_image(source[index]["image"], SIZE,
                                      np.random.default_rng([3, index, view]))
@@ -143,24 +158,27 @@ def test_build_is_exact_resumable_reused_and_marks_undecodable_images(lit, tmp_p
   with pytest.raises(preprocess.CorruptImageError, match="ex7: its image did not decode"):
     pipeline.cached_view(cached[7], image_cache.FEATURES, np.random.default_rng(0))
 
-  # Interrupted after all but shard 2: only that shard is embedded again, to the same bytes.
+  # Interrupted with shard 0 cut short (a crash before the data reached the disk): only that
+  # shard is embedded again, to the same bytes.
   files = sorted(glob.glob(os.path.join(directory, "*.npy")))
   before = {path: open(path, "rb").read() for path in files}
   os.remove(os.path.join(directory, image_cache.META))
-  for path in image_cache.shard_paths(directory, 2):
-    os.remove(path)
+  features_0 = image_cache.shard_paths(directory, 0)[0]
+  with open(features_0, "r+b") as f:
+    f.truncate(len(before[features_0]) // 2)
   with caplog.at_level(logging.INFO):
     image_cache.build(directory, source, description, encode, params, mesh, 8, args, 2)
-  assert "resuming" in caplog.text and "3 of 4 shards were written" in caplog.text
+  assert "resuming" in caplog.text and "1 of 2 shards were written" in caplog.text
   written = [r.getMessage() for r in caplog.records if "written (" in r.getMessage()]
-  assert len(written) == 1 and "shard 3 of 4 written" in written[0]
+  assert len(written) == 1 and "shard 1 of 2 written" in written[0]
   assert {path: open(path, "rb").read() for path in files} == before
   # Finished: reused as it is.
   caplog.clear()
   with caplog.at_level(logging.INFO):
     again = image_cache.build(directory, source, description, encode, params, mesh, 8, args, 2)
   assert "reusing" in caplog.text and "written (" not in caplog.text
-  assert again.meta == cache.meta
+  timeless = lambda meta: {k: v for k, v in meta.items() if k != "build_seconds"}
+  assert timeless(again.meta) == timeless(cache.meta)
   # The centre crop alone: one view, the evaluation image's features.
   centre = image_cache.build(str(tmp_path / "centre"), source, _description(), encode,
                              params, mesh, 8, args, 2)
@@ -174,12 +192,16 @@ def test_the_cache_needs_a_locked_trunk_and_no_dropout(lit):
   config, model, params, _ = lit
   labels = {k: optim.FROZEN if k.startswith("img/") and not k.startswith("img/head/")
             else "default" for k in optim.flatten(params)}
-  image_cache.check(config.image_cache, labels, model.image)  # LiT: fine.
+  image_cache.check_locked(labels)  # LiT: fine.
+  image_cache.check(config.image_cache, model.image)
   trainable = dict(labels, **{k: "default" for k in labels if k.startswith("img/")})
   with pytest.raises(config_lib.ConfigError, match="needs a locked image tower"):
-    image_cache.check(config.image_cache, trainable, model.image)
+    image_cache.check_locked(trainable)
   with pytest.raises(config_lib.ConfigError, match="dropout 0.1"):
-    image_cache.check(config.image_cache, labels, dict(model.image, dropout=0.1))
+    image_cache.check(config.image_cache, dict(model.image, dropout=0.1))
+  config.image_cache.views = -1
+  with pytest.raises(config_lib.ConfigError, match="views must not be negative"):
+    image_cache.check(config.image_cache, model.image)
 
 
 def _cache_files(directory):
@@ -192,12 +214,12 @@ def test_lit_from_the_cache_survives_sigkill_and_matches_an_uninterrupted_build(
   """A LiT run killed while it builds its cache resumes the build and ends like a run whose
   build was never interrupted; evaluation runs the real image tower."""
   args = ("--config.image_cache.enabled=True", "--config.image_cache.views=2",
-          "--config.image_cache.shard_size=8")
+          "--config.image_cache.shard_size=32")  # One global batch (eval_batch_size).
   first, cache_a = str(tmp_path / "first"), str(tmp_path / "cache_a")
   process = launch(first, "tests/tiny_config.py:kind=lit", *args,
                    f"--config.image_cache.dir={cache_a}", data_dir=data_dir, background=True)
   start = time.time()
-  while len(glob.glob(os.path.join(cache_a, "*", "features-*.npy"))) < 3:
+  while len(glob.glob(os.path.join(cache_a, "*", "features-*.npy"))) < 2:
     assert process.poll() is None, process.stdout.read()[-3000:]
     assert time.time() - start < 300, "no cache shards in time"
     time.sleep(0.02)
@@ -216,7 +238,7 @@ def test_lit_from_the_cache_survives_sigkill_and_matches_an_uninterrupted_build(
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Image cache: resuming" not in result.stderr
   files = _cache_files(cache_a)
-  assert len(files) == 2 * 90 and files == _cache_files(cache_b)  # 720 examples in 8s.
+  assert len(files) == 2 * 23 and files == _cache_files(cache_b)  # 720 examples in 32s.
 
   def summary(workdir):
     with open(os.path.join(workdir, "summary.json")) as f:

@@ -54,11 +54,12 @@ def main(argv):
                                 dir=os.path.join(root, f"{name}_image_cache"))
     results[name] = run(config, os.path.join(root, name))
     if views is not None:
-      (key,) = os.listdir(config.image_cache.dir)  # A fresh directory: one cache.
-      with open(os.path.join(config.image_cache.dir, key, "meta.json")) as f:
-        meta = json.load(f)
-      results[name].update(build_seconds=meta["build_seconds"],
-                           training_seconds=results[name]["seconds"] - meta["build_seconds"])
+      build = 0.0  # A fresh directory: the caches of this run's datasets.
+      for key in os.listdir(config.image_cache.dir):
+        with open(os.path.join(config.image_cache.dir, key, "meta.json")) as f:
+          build += json.load(f)["build_seconds"]
+      results[name].update(build_seconds=build,
+                           training_seconds=results[name]["seconds"] - build)
   print(json.dumps(results, indent=1))
 
 

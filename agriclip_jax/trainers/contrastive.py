@@ -220,20 +220,23 @@ def transforms(config, setup, tokenizer):
 def use_image_cache(config, setup, model, normalize, spec):
   """Points the run's training sources at image caches; returns the `before_training` hook
   that builds (or finds) them from the state's locked image trunk."""
-  image_cache.check(config.image_cache, spec.labels, model.image)
+  image_cache.check_locked(spec.labels)
   originals = setup.sources
   setup.sources = [(b, image_cache.CachedSource(s), c) for b, s, c in originals]
   encode = image_cache.encoder(model, normalize)
 
+  batch_size = config.eval_batch_size or config.input.batch_size
+
   def before_training(state):
     digest = image_cache.trunk_digest(state["params"])
     for (builder, source, component), (_, cached, _) in zip(originals, setup.sources):
-      description = image_cache.describe(config, component, builder, len(source), model.image,
-                                         digest)
-      root = config.image_cache.dir or os.path.join(os.fspath(builder.data_dir), "image_cache")
+      description = image_cache.describe(config, component, builder, source, model.image,
+                                         digest, batch_size)
+      root = (os.path.expanduser(config.image_cache.dir)
+              or os.path.join(os.fspath(builder.data_dir), "image_cache"))
       cache = image_cache.build(
           os.path.join(root, image_cache.key_of(description)), source, description, encode,
-          state["params"], setup.mesh, config.eval_batch_size or config.input.batch_size,
+          state["params"], setup.mesh, batch_size,
           dict(image_key=component["image_key"], image_size=config.input.image_size,
                seed=config.seed, crop_scale=tuple(config.input.crop_scale),
                flip=config.input.flip), config.input.num_threads)
@@ -246,6 +249,9 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   done = common.finished(config, workdir)
   if done is not None:
     return done
+  if config.image_cache.enabled:  # Before any required run trains.
+    image_cache.check(config.image_cache, two_towers.tower_kwargs(
+        config.model.img, "img", config.model.out_dim, config.model.dtype, resnet_ok=True))
   setup, tokenizer, model = setup_with_text(config, workdir)
   image_size, text_len = config.input.image_size, config.tokenizer.max_len
 

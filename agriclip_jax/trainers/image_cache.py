@@ -21,6 +21,7 @@ the centre crop that evaluation uses). Evaluation still runs the real image towe
   training replaces such an example with the next one of its stream, as it does when decoding.
 """
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -44,6 +45,8 @@ from agriclip_jax.input import preprocess
 
 META = "meta.json"
 FORMAT = 1
+# Shards whose files a process keeps open for reading at once.
+MAX_OPEN_SHARDS = 64
 # Keys of the training example that carry its cached views and whether each decoded.
 FEATURES, VALID = "image_features", "image_features_valid"
 
@@ -57,9 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
 
-def check(config, labels: dict[str, str], img_kwargs: dict[str, Any]) -> None:
-  """One line unless the cache can stand in for the image trunk: every image parameter except
-  the head is frozen, and the tower has no dropout."""
+def check_locked(labels: dict[str, str]) -> None:
+  """One line unless every image parameter except the head is frozen."""
   moving = [k for k, label in labels.items() if k.startswith("img/")
             and not k.startswith("img/head/") and label != optim.FROZEN]
   if moving:
@@ -67,6 +69,11 @@ def check(config, labels: dict[str, str], img_kwargs: dict[str, Any]) -> None:
         f"config.image_cache.enabled needs a locked image tower, but {len(moving)} of its "
         f"parameters train (e.g. {moving[0]}); freeze them in config.optim.rules (LiT: "
         "[('img/head/.*', {}), ('img/.*', None), ('.*', {})])")
+
+
+def check(config, img_kwargs: dict[str, Any]) -> None:
+  """One line unless `config.image_cache` is valid and the tower (its resolved keyword
+  arguments) has no dropout, which cached features cannot reproduce."""
   if img_kwargs.get("dropout"):
     raise config_lib.ConfigError(
         f"config.image_cache.enabled: the image tower has dropout {img_kwargs['dropout']}, "
@@ -94,18 +101,28 @@ def trunk_digest(params) -> str:
   return digest.hexdigest()
 
 
-def describe(config, component: dict[str, Any], builder, num_examples: int,
-             img_kwargs: dict[str, Any], digest: str) -> dict[str, Any]:
-  """What a cache's numbers depend on (its key is a digest of this)."""
+# Tower options that do not change the trunk's features.
+NOT_FEATURES = ("num_classes", "head_bias", "remat")
+
+
+def describe(config, component: dict[str, Any], builder, source, img_kwargs: dict[str, Any],
+             digest: str, batch_size: int) -> dict[str, Any]:
+  """What a cache's numbers depend on (its key is a digest of this). Its shard size is
+  `config.image_cache.shard_size` rounded up to whole global batches of `batch_size`, so
+  only the last shard is padded when it is embedded."""
   views = config.image_cache.views
+  indices = getattr(source, "indices", None)  # A class selection (datasets.Subset).
+  tower = {k: (jnp.dtype(v).name if k == "dtype" else v)
+           for k, v in sorted(img_kwargs.items()) if k not in NOT_FEATURES}
   description = dict(
       format=FORMAT, dataset=builder.info.full_name, split=component["split"],
-      classes=str(component["classes"]), image_key=component["image_key"],
-      num_examples=num_examples, tower={k: str(v) for k, v in sorted(img_kwargs.items())
-                                        if k != "num_classes"},
-      trunk_sha1=digest, image_size=config.input.image_size,
-      mean=list(config.input.mean), std=list(config.input.std), views=views,
-      shard_size=config.image_cache.shard_size)
+      examples_sha1=None if indices is None else hashlib.sha1(
+          np.asarray(indices, np.int64).tobytes()).hexdigest(),
+      image_key=component["image_key"], num_examples=len(source),
+      tower=json.loads(json.dumps(tower, default=str)), trunk_sha1=digest,
+      image_size=config.input.image_size, mean=list(config.input.mean),
+      std=list(config.input.std), views=views,
+      shard_size=math.ceil(config.image_cache.shard_size / batch_size) * batch_size)
   if views:
     description.update(crop_scale=list(config.input.crop_scale), flip=config.input.flip,
                        seed=config.seed)
@@ -125,14 +142,18 @@ class Cache:
       meta = json.load(f)
     self.directory, self.meta = directory, meta
     self.num_examples, self.shard_size = meta["num_examples"], meta["shard_size"]
-    self._maps = {}
+    self._maps = collections.OrderedDict()
 
   def __getstate__(self):  # Worker processes open their own maps.
-    return {**self.__dict__, "_maps": {}}
+    return {**self.__dict__, "_maps": collections.OrderedDict()}
 
   def _shard(self, index: int):
     shard, row = divmod(index, self.shard_size)
-    if shard not in self._maps:
+    if shard in self._maps:
+      self._maps.move_to_end(shard)
+    else:  # Each map holds a file open: keep the most recently read ones only.
+      if len(self._maps) >= MAX_OPEN_SHARDS:
+        self._maps.popitem(last=False)
       self._maps[shard] = tuple(np.load(path, mmap_mode="r") for path in
                                 shard_paths(self.directory, shard))
     features, valid = self._maps[shard]
@@ -151,9 +172,37 @@ def shard_paths(directory: str, shard: int) -> tuple[str, str]:
 
 
 def _save_atomically(path: str, array: np.ndarray) -> None:
+  """Written in full and on disk before it takes its name (a host crash leaves no stub)."""
   with open(path + ".tmp", "wb") as f:
     np.save(f, array)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(path + ".tmp", path)
+
+
+def _complete(directory: str, shard: int, rows: int, views: int) -> bool:
+  """Whether a shard's files exist and hold `rows` examples of `views` views."""
+  try:
+    features, valid = (np.load(p, mmap_mode="r") for p in shard_paths(directory, shard))
+    return features.shape[:2] == (rows, views) and valid.shape == (rows, views)
+  except (OSError, ValueError):
+    return False
+
+
+def _agreed(value: np.ndarray) -> np.ndarray:
+  """Process 0's `value` on every process (what it sees on disk decides for all)."""
+  if jax.process_count() == 1:
+    return value
+  return np.asarray(multihost_utils.broadcast_one_to_all(value))
+
+
+def _open(directory: str) -> Cache:
+  if not os.path.exists(os.path.join(directory, META)):
+    raise config_lib.ConfigError(
+        f"image cache {directory} is finished on process 0 but not visible on process "
+        f"{jax.process_index()}: config.image_cache.dir must be a directory all processes "
+        "share")
+  return Cache(directory)
 
 
 class CachedSource:
@@ -228,16 +277,18 @@ def build(directory: str, source, description: dict[str, Any], encode: Callable,
   `encode(params, images)` -> [batch, width] features of a global batch (jitted by the
   caller, output replicated); `transform_args` are `_ViewTransform`'s fields but `view`.
   """
-  if os.path.exists(os.path.join(directory, META)):
+  if _agreed(np.bool_(os.path.exists(os.path.join(directory, META)))):
     logging.info("Image cache: reusing %s", directory)
-    return Cache(directory)
+    return _open(directory)
   num_examples, views = description["num_examples"], description["views"]
   shard_size = description["shard_size"]
   num_shards = math.ceil(num_examples / shard_size)
   os.makedirs(directory, exist_ok=True)
-  done = [i for i in range(num_shards) if os.path.exists(shard_paths(directory, i)[0])]
-  if jax.process_count() > 1:  # Every process lists the shards before any is written.
-    multihost_utils.sync_global_devices("image_cache_listed")
+  # Process 0's listing, before anything is written, decides what every process embeds.
+  done = _agreed(np.array([
+      _complete(directory, i, min(shard_size, num_examples - i * shard_size), max(views, 1))
+      for i in range(num_shards)]))
+  done = [i for i in range(num_shards) if done[i]]
   if done:
     logging.info("Image cache: resuming %s; %d of %d shards were written", directory,
                  len(done), num_shards)
@@ -282,7 +333,7 @@ def build(directory: str, source, description: dict[str, Any], encode: Callable,
     os.replace(os.path.join(directory, META + ".tmp"), os.path.join(directory, META))
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("image_cache_finished")
-  cache = Cache(directory)
+  cache = _open(directory)
   logging.info("Image cache: %s built (%d views of %d examples; %d with an undecodable image) "
                "in %.1fs", directory, max(views, 1), num_examples, cache.meta["undecodable"],
                time.time() - start)

@@ -173,8 +173,6 @@ class Loop:
         os.path.join(self.workdir, "checkpoints"), config.keep_checkpoints)
     state = self._restore_or_init(checkpoints)
     step = int(state["step"])
-    if self.before_training is not None and step < total:
-      self.before_training(state)
     self.writer.drop_after(step)
     progress = periodic_actions.ReportProgress(
         num_train_steps=total, writer=self.writer.clu, every_secs=None if config.log_every
@@ -182,6 +180,8 @@ class Loop:
     stop = _StopSignal()
     unchecked, since_log, last_eval = [], [], {}
     try:
+      if self.before_training is not None and step < total:
+        self.before_training(state)
       while step < total:
         if stop.reached(step):
           unchecked = self._check(unchecked)
