@@ -156,9 +156,13 @@ def image_of(example: dict[str, Any], key: str, decode: Callable[[bytes], np.nda
   try:
     return decode(example[key])
   except preprocess.CorruptImageError as e:
-    name = example.get("id", example.get("image_path", example.get("file_name", "(no id)")))
-    name = name.decode() if isinstance(name, bytes) else name
-    raise preprocess.CorruptImageError(f"example {name}: {e}") from None
+    raise preprocess.CorruptImageError(f"example {example_name(example)}: {e}") from None
+
+
+def example_name(example: dict[str, Any]) -> str:
+  """What names an example in messages: its id, image path or file name."""
+  name = example.get("id", example.get("image_path", example.get("file_name", "(no id)")))
+  return name.decode() if isinstance(name, bytes) else name
 
 
 def cached_view(example: dict[str, Any], key: str, rng: np.random.Generator) -> np.ndarray:
@@ -167,10 +171,8 @@ def cached_view(example: dict[str, Any], key: str, rng: np.random.Generator) -> 
   views = example[key]
   view = int(rng.integers(len(views)))
   if not example[key + "_valid"][view]:
-    name = example.get("id", example.get("image_path", example.get("file_name", "(no id)")))
-    name = name.decode() if isinstance(name, bytes) else name
-    raise preprocess.CorruptImageError(
-        f"example {name}: its image did not decode when the image cache was built")
+    raise preprocess.CorruptImageError(f"example {example_name(example)}: its image did not "
+                                       "decode when the image cache was built")
   return views[view]
 
 
