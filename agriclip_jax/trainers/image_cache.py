@@ -284,22 +284,21 @@ def build(directory: str, source, description: dict[str, Any], encode: Callable,
   shard_size = description["shard_size"]
   num_shards = math.ceil(num_examples / shard_size)
   os.makedirs(directory, exist_ok=True)
+  span = lambda i: (i * shard_size, min((i + 1) * shard_size, num_examples))
   # Process 0's listing, before anything is written, decides what every process embeds.
-  done = _agreed(np.array([
-      _complete(directory, i, min(shard_size, num_examples - i * shard_size), max(views, 1))
-      for i in range(num_shards)]))
-  done = [i for i in range(num_shards) if done[i]]
-  if done:
+  done = _agreed(np.array([_complete(directory, i, span(i)[1] - span(i)[0], max(views, 1))
+                           for i in range(num_shards)]))
+  todo = [i for i in range(num_shards) if not done[i]]
+  if done.any():
     logging.info("Image cache: resuming %s; %d of %d shards were written", directory,
-                 len(done), num_shards)
+                 num_shards - len(todo), num_shards)
   batch_sharding = sharding.batch_sharding(mesh)
   rows = pipeline.rows_of_process(batch_sharding, batch_size)
   gather = jax.jit(lambda p, batch: (encode(p, batch["image"]), batch["ok"]),
                    out_shardings=sharding.replicated(mesh))
   start, embedded = time.time(), 0
-  todo = [i for i in range(num_shards) if i not in done]
   for n, shard in enumerate(todo):
-    lo, hi = shard * shard_size, min((shard + 1) * shard_size, num_examples)
+    lo, hi = span(shard)
     features, valid = [], []
     for view in (range(views) if views else [None]):
       transform = _ViewTransform(view=view, **transform_args)
@@ -317,8 +316,7 @@ def build(directory: str, source, description: dict[str, Any], encode: Callable,
       _save_atomically(features_path, features)  # Last: its presence marks the shard done.
     embedded += (hi - lo) * max(views, 1)
     rate = embedded / (time.time() - start)
-    remaining = sum(min((i + 1) * shard_size, num_examples) - i * shard_size
-                    for i in todo[n + 1:]) * max(views, 1)
+    remaining = sum(span(i)[1] - span(i)[0] for i in todo[n + 1:]) * max(views, 1)
     logging.info("Image cache: shard %d of %d written (%.1f images/s, about %.0fs left)",
                  shard + 1, num_shards, rate, remaining / rate)
   if jax.process_count() > 1:
