@@ -12,10 +12,10 @@ from agriclip_jax import config_lib
 from agriclip_jax import optim
 from agriclip_jax import sharding
 from agriclip_jax.models import two_towers
-from agriclip_jax.trainers import common
 from agriclip_jax.trainers import contrastive
 from agriclip_jax.trainers import grad_cache
 from agriclip_jax.trainers import state as state_lib
+from agriclip_jax.trainers import step as step_lib
 
 TOWER = dict(width=16, depth=1, mlp_dim=32, num_heads=2)
 
@@ -69,8 +69,8 @@ def test_micro_batched_update_equals_the_full_batch_update(case):
     if micro_batches > 1:
       value_and_grad = grad_cache.value_and_grad(embed, loss_and_metrics,
                                                  contrastive.norm_metrics, micro_batches)
-    step = common.jit_step(common.train_step(objective, tx, labels, lr, value_and_grad), spec,
-                           mesh)
+    step = step_lib.jit_step(step_lib.train_step(objective, tx, labels, lr, value_and_grad),
+                             spec, mesh)
     return step(spec.init(), batch)
 
   state, metrics = one_step(1)

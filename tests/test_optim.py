@@ -10,6 +10,7 @@ import pytest
 from agriclip_jax import optim
 from agriclip_jax.pytree import flatten, path_str
 from agriclip_jax.trainers import common
+from agriclip_jax.trainers import step as step_lib
 
 LIT_RULES = [("img/head/.*", {}), ("img/.*", None), (".*", {})]
 
@@ -43,7 +44,7 @@ def _run(rules, steps=3):
   trainable, _ = optim.split(params, labels)
   state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(trainable),
            "rng": jax.random.key_data(jax.random.key(0))}
-  step = jax.jit(common.train_step(_objective, tx, labels, lr))
+  step = jax.jit(step_lib.train_step(_objective, tx, labels, lr))
   batch = jnp.asarray(np.random.default_rng(1).normal(size=(4, 4)), jnp.float32)
   for _ in range(steps):
     state, metrics = step(state, batch)
@@ -141,7 +142,7 @@ def test_adafactor_trains_and_keeps_factored_state():
   tx, labels, lr = optim.make(_config(name="adafactor", rules=rules), params, total_steps=10)
   state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params),
            "rng": jax.random.key_data(jax.random.key(0))}
-  step = jax.jit(common.train_step(_objective, tx, labels, lr))
+  step = jax.jit(step_lib.train_step(_objective, tx, labels, lr))
   batch = jnp.asarray(np.random.default_rng(1).normal(size=(4, 4)), jnp.float32)
   losses = []
   for _ in range(20):
@@ -198,12 +199,12 @@ def test_lit_skips_the_locked_towers_backward_pass():
   def step_flops(rules, mask_instead=False):
     tx, labels, lr = optim.make(_config(rules=[(".*", {})] if mask_instead else rules), params,
                                 total_steps=10)
-    step = common.train_step(objective, tx, labels, lr)
+    step = step_lib.train_step(objective, tx, labels, lr)
     if mask_instead:  # Gradients for everything, the trunk's update zeroed afterwards.
       masked = optax.chain(optax.masked(optax.set_to_zero(), lambda t: {
           "img": {"trunk": {"kernel": True}, "head": {"kernel": False}},
           "txt": {"head": {"kernel": False}}}), tx)
-      step = common.train_step(objective, masked, labels, lr)
+      step = step_lib.train_step(objective, masked, labels, lr)
       tx = masked
     trainable, _ = optim.split(params, labels)
     state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(trainable),

@@ -16,6 +16,7 @@ from agriclip_jax.pytree import flatten
 from agriclip_jax.trainers import common
 from agriclip_jax.trainers import contrastive
 from agriclip_jax.trainers import state as state_lib
+from agriclip_jax.trainers import step as step_lib
 
 BATCH, IMAGE, TEXT_LEN, VOCAB = 16, 16, 8, 50
 
@@ -57,7 +58,7 @@ def train(mesh_axes, num_devices, loss="softmax", rules=((".*", {}),)):
                              fsdp_min_size=64)
   objective = contrastive.make_objective(model, loss, preprocess.normalize)
   batch_sharding = sharding.batch_sharding(mesh)
-  step = common.jit_step(common.train_step(objective, tx, labels, lr), spec, mesh)
+  step = step_lib.jit_step(step_lib.train_step(objective, tx, labels, lr), spec, mesh)
   state, losses = spec.init(), []
   for batch in _batches(3):
     state, metrics = step(state, sharding.global_batch(batch, batch_sharding))

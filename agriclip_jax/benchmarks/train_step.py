@@ -29,6 +29,7 @@ from agriclip_jax.models import two_towers
 from agriclip_jax.trainers import common
 from agriclip_jax.trainers import contrastive
 from agriclip_jax.trainers import state as state_lib
+from agriclip_jax.trainers import step as step_lib
 
 FLAGS = flags.FLAGS
 
@@ -70,8 +71,8 @@ def time_mode(mode: str, batch_size: int, image_size: int, steps: int, warmup: i
   run_config = contrastive.default_config()
   run_config.micro_batches = micro_batches
   batch_sharding = sharding.batch_sharding(mesh)
-  step = common.jit_step(contrastive.make_step(run_config, model, preprocess.normalize, mesh, tx,
-                                               labels, lr, batch_size), spec, mesh)
+  step = step_lib.jit_step(contrastive.make_step(run_config, model, preprocess.normalize, mesh,
+                                                 tx, labels, lr, batch_size), spec, mesh)
   rng = np.random.default_rng(0)
   batch = sharding.global_batch({
       "image": rng.integers(0, 256, (batch_size, image_size, image_size, 3), np.uint8),

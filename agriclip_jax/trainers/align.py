@@ -24,7 +24,6 @@ import numpy as np
 
 from agriclip_jax import config_lib
 from agriclip_jax import distributed
-from agriclip_jax import metric_writer
 from agriclip_jax import runs
 from agriclip_jax import sharding
 from agriclip_jax.evaluators import base as evaluators
@@ -168,18 +167,13 @@ def train(config: ml_collections.ConfigDict, workdir: str):
         logging.info("%s already finished; nothing to do.", workdir)
         return json.load(f)
     logging.info("%s: the config changed since its summary; redoing it", workdir)
-  common.check_values(config)
   if config.align.method not in ("closed_form", "sgd"):
     raise config_lib.ConfigError(f"align.method {config.align.method!r}: expected closed_form "
                                  "or sgd")
-  common.run_requirements(config, workdir)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = common.begin(config, workdir)
   towers = runs.AgriCLIPTowers(config, workdir, mesh)
   a = config.align
-  writer = metric_writer.Writer(workdir)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
+  writer = common.open_workdir(config, workdir)
   context = evaluators.Context(
       mesh=mesh, params_sharding=towers.params_sharding, params_abstract=None,
       encode_images=towers.aligned, encode_texts=towers.texts, tokenizer=towers.tokenizer,

@@ -11,7 +11,6 @@ import flax
 import jax
 import ml_collections
 import numpy as np
-import optax
 
 from agriclip_jax import config_lib
 from agriclip_jax import metric_writer
@@ -24,6 +23,7 @@ from agriclip_jax.input import preprocess
 from agriclip_jax.input import tokenizer as tokenizer_lib
 from agriclip_jax.trainers import loop as loop_lib
 from agriclip_jax.trainers import state as state_lib
+from agriclip_jax.trainers import step as step_lib
 
 # Per-dataset fields of config.input; each entry of config.input.mixture may set them.
 COMPONENT_FIELDS = ("dataset", "split", "weight", "image_key", "text_key", "text_choice",
@@ -232,41 +232,6 @@ def run_requirements(config, workdir: str) -> None:
     trainers.run(required, required_workdir)
 
 
-def train_step(objective: Callable, tx, labels: dict[str, str], lr_schedule: Callable,
-               value_and_grad: Callable | None = None):
-  """A step function from `objective(params, batch, rng) -> (loss, metrics)`.
-
-  Gradients are taken with respect to the trainable parameters only, so nothing is computed
-  for frozen towers' backward passes and they pass through the step unchanged.
-  `value_and_grad(trainable, frozen, batch, rng) -> ((loss, metrics), grads)` replaces
-  autodiff of `objective` where a trainer computes them its own way (grad_cache).
-  """
-
-  def step(state, batch):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    trainable, frozen = optim.split(state["params"], labels)
-    if value_and_grad is None:
-      grad_fn = jax.value_and_grad(
-          lambda t: objective(optim.merge(t, frozen), batch, rng), has_aux=True)
-      (loss, metrics), grads = grad_fn(trainable)
-    else:
-      (loss, metrics), grads = value_and_grad(trainable, frozen, batch, rng)
-    updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                   lr=lr_schedule(state["step"]))
-    return dict(state, step=state["step"] + 1, opt_state=opt_state,
-                params=optim.merge(trainable, frozen)), metrics
-
-  return step
-
-
-def jit_step(step: Callable, spec: state_lib.StateSpec, mesh: jax.sharding.Mesh):
-  """The jitted, sharded step: state donated, batch split over the batch axes."""
-  return jax.jit(step, in_shardings=(spec.shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(spec.shardings, sharding.replicated(mesh)), donate_argnums=0)
-
-
 def make_tokenizer(config, sources) -> tokenizer_lib.Tokenizer:
   """A pretrained tokenizer (config.tokenizer.path, else that of the checkpoint
   config.init.model / config.init.txt loads), or a BPE trained on the captions of `sources`
@@ -297,6 +262,23 @@ def make_tokenizer(config, sources) -> tokenizer_lib.Tokenizer:
       config.tokenizer.vocab_size, config.tokenizer.max_len, config.tokenizer.max_examples)
 
 
+def begin(config, workdir: str) -> jax.sharding.Mesh:
+  """What every run (trainer, alignment fit, evaluation) does first: checks the config's
+  values, trains the runs it requires if unfinished, and makes its device mesh."""
+  check_values(config)
+  run_requirements(config, workdir)
+  return sharding.make_mesh(config.mesh)
+
+
+def open_workdir(config, workdir: str) -> metric_writer.Writer:
+  """Writes config.json (compared with a resumed run's, see `save_config`) and opens the
+  metric writer, the config logged as its hyperparameters."""
+  save_config(config, workdir)
+  writer = metric_writer.Writer(workdir)
+  writer.hparams(flax.traverse_util.flatten_dict(config.to_dict(), sep="."))
+  return writer
+
+
 @dataclasses.dataclass
 class Setup:
   """Mesh, training data and metric writer of a run."""
@@ -314,9 +296,7 @@ class Setup:
   @classmethod
   def create(cls, config, workdir: str, feature_keys=("image_key",)) -> "Setup":
     """`feature_keys` are the component fields naming features the trainer reads."""
-    check_values(config)
-    run_requirements(config, workdir)
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = begin(config, workdir)
     sharding.batch_size_per_shard(mesh, config.input.batch_size)
     sources = []
     for component in components(config.input):
@@ -332,9 +312,7 @@ class Setup:
             source, component["label_key"],
             datasets.class_ids(component["classes"], names, where), where)
       sources.append((builder, source, component))
-    save_config(config, workdir)
-    writer = metric_writer.Writer(workdir)
-    writer.hparams(flax.traverse_util.flatten_dict(config.to_dict(), sep="."))
+    writer = open_workdir(config, workdir)
     logging.info("Mesh %s over %d devices in %d processes; training on %s", dict(mesh.shape),
                  jax.device_count(), jax.process_count(),
                  ", ".join(f"{b.info.full_name}/{c['split']} ({len(s)} examples, weight "
@@ -377,7 +355,7 @@ class Setup:
         num_threads=config.input.num_threads)
     loop = loop_lib.Loop(
         config=config, workdir=self.workdir, spec=spec,
-        train_step=jit_step(step, spec, self.mesh),
+        train_step=step_lib.jit_step(step, spec, self.mesh),
         train_iter=train_iter, batch_sharding=self.batch_sharding,
         evaluators=evaluators.build(config.evals, context, config.eval_every),
         writer=self.writer, before_training=before_training)

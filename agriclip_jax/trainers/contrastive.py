@@ -22,6 +22,7 @@ from agriclip_jax.trainers import common
 from agriclip_jax.trainers import grad_cache
 from agriclip_jax.trainers import image_cache
 from agriclip_jax.trainers import state as state_lib
+from agriclip_jax.trainers import step as step_lib
 
 # Free-form fields checked elsewhere: evaluator configs and tower keyword arguments.
 OPEN_FIELDS = ("evals", "model.img", "model.txt")
@@ -153,7 +154,7 @@ def make_step(config, model, normalize, mesh, tx, labels, lr_schedule,
   if config.micro_batches > 1:
     value_and_grad = grad_cache.value_and_grad(embed_fn, loss_and_metrics, norm_metrics,
                                                config.micro_batches)
-  return common.train_step(objective_of(model, normalize, loss_and_metrics, embed_fn), tx,
+  return step_lib.train_step(objective_of(model, normalize, loss_and_metrics, embed_fn), tx,
                            labels, lr_schedule, value_and_grad)
 
 

@@ -10,11 +10,11 @@ frozen for the first `freeze_last_layer_steps`.
 """
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from agriclip_jax import optim
 from agriclip_jax.input import pipeline
@@ -24,6 +24,7 @@ from agriclip_jax.models import dino as dino_model
 from agriclip_jax.models import two_towers
 from agriclip_jax.pytree import flatten, unflatten
 from agriclip_jax.trainers import common
+from agriclip_jax.trainers import step as step_lib
 
 OPEN_FIELDS = ("evals", "model.img", "model.head")
 
@@ -91,56 +92,72 @@ def freeze_last_layer(updates, step, freeze_steps: int):
                     for k, u in flatten(updates).items()})
 
 
-def teacher_update(state, student, teacher_logits, momentum, center_momentum: float) -> dict:
-  """The new teacher (EMA of the `student` parameters it mirrors) and output center."""
-  return {"teacher": dino_loss.ema(state["teacher"], student, momentum),
-          "center": dino_loss.update_center(state["center"], teacher_logits, center_momentum)}
+class Teacher(step_lib.StepHook):
+  """DINO's EMA teacher in the shared step (the DINO and joint trainers): its schedules
+  (temperature warm-up, momentum cosine), its targets for the two global views before the
+  student's gradient, the last-layer freeze, and its EMA and center update afterwards.
+
+  `logits(teacher_params, images)` gives the teacher's prototype logits; `parts` names the
+  parameter subtrees it mirrors (None: all of them).
+  """
+
+  def __init__(self, config, logits: Callable, parts: tuple[str, ...] | None = None):
+    self.dino, self.logits, self.parts = config.dino, logits, parts
+    d = config.dino
+    self.temp = optim.warmup_then_constant(d.warmup_teacher_temp, d.teacher_temp,
+                                           d.warmup_teacher_temp_steps)
+    self.momentum = optim.cosine(d.teacher_momentum, d.teacher_momentum_end,
+                                 config.total_steps)
+
+  def before(self, state, batch):
+    global_views, local_views = views(batch, self.dino.num_local)
+    return dict(step=state["step"], global_views=global_views, local_views=local_views,
+                targets=split_views(self.logits(state["teacher"], global_views), 2),
+                temp=self.temp(state["step"]), center=state["center"])
+
+  def loss(self, apply: Callable, params, context, rng):
+    """The DINO loss of the student `apply(params, images, rng) -> logits` on every view."""
+    outputs = student_outputs(apply, params, context["global_views"], context["local_views"],
+                              self.dino.num_local, rng)
+    return dino_loss.loss(outputs, context["targets"], context["center"],
+                          self.dino.student_temp, context["temp"])
+
+  def edit_updates(self, updates, step):
+    return freeze_last_layer(updates, step, self.dino.freeze_last_layer_steps)
+
+  def after(self, state, params, context):
+    m = self.momentum(state["step"])
+    student = params if self.parts is None else {k: params[k] for k in self.parts}
+    center, temp = context["center"], context["temp"]
+    probs = jax.nn.softmax((context["targets"][0] - center) / temp, axis=-1)
+    entries = {"teacher": dino_loss.ema(state["teacher"], student, m),
+               "center": dino_loss.update_center(center, context["targets"],
+                                                 self.dino.center_momentum)}
+    return entries, {
+        "teacher_temp": temp, "teacher_momentum": m,
+        "teacher/entropy": jnp.mean(-jnp.sum(probs * jnp.log(probs + 1e-12), axis=-1)),
+        "center/norm": jnp.linalg.norm(center)}
 
 
 def make_step(model, tx, labels, lr_schedule, config, normalize):
-  """The DINO step: teacher forward, student loss + update, teacher EMA, center update."""
-  d, total = config.dino, config.total_steps
-  teacher_temp = optim.warmup_then_constant(d.warmup_teacher_temp, d.teacher_temp,
-                                            d.warmup_teacher_temp_steps)
-  momentum = optim.cosine(d.teacher_momentum, d.teacher_momentum_end, total)
+  """The DINO step: the shared step with the teacher hooked in."""
   end = config.optim.weight_decay_end
   weight_decay = optim.cosine(config.optim.weight_decay,
-                              config.optim.weight_decay if end is None else end, total)
+                              config.optim.weight_decay if end is None else end,
+                              config.total_steps)
+  teacher = Teacher(
+      config, lambda params, images: model.apply({"params": params}, normalize(images))[0])
 
   def apply(params, images, rng):
     return model.apply({"params": params}, normalize(images), train=True,
                        rngs={"dropout": rng})[0]
 
-  def step(state, batch):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    global_views, local_views = views(batch, d.num_local)
-    teacher = split_views(
-        model.apply({"params": state["teacher"]}, normalize(global_views))[0], 2)
-    temp = teacher_temp(state["step"])
-    trainable, frozen = optim.split(state["params"], labels)
+  def objective(params, batch, rng, context):
+    del batch  # The views are in the context.
+    return (teacher.loss(apply, params, context, rng),
+            {"weight_decay": weight_decay(context["step"])})
 
-    def objective(t):
-      outputs = student_outputs(apply, optim.merge(t, frozen), global_views, local_views,
-                                d.num_local, rng)
-      return dino_loss.loss(outputs, teacher, state["center"], d.student_temp, temp)
-
-    loss, grads = jax.value_and_grad(objective)(trainable)
-    updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-    updates = freeze_last_layer(updates, state["step"], d.freeze_last_layer_steps)
-    params = optim.merge(optax.apply_updates(trainable, updates), frozen)
-    m = momentum(state["step"])
-    probs = jax.nn.softmax((teacher[0] - state["center"]) / temp, axis=-1)
-    metrics = {
-        "loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state["step"]),
-        "teacher_temp": temp, "teacher_momentum": m,
-        "weight_decay": weight_decay(state["step"]),
-        "teacher/entropy": jnp.mean(-jnp.sum(probs * jnp.log(probs + 1e-12), axis=-1)),
-        "center/norm": jnp.linalg.norm(state["center"]),
-    }
-    return dict(state, step=state["step"] + 1, params=params, opt_state=opt_state,
-                **teacher_update(state, params, teacher, m, d.center_momentum)), metrics
-
-  return step
+  return step_lib.train_step(objective, tx, labels, lr_schedule, hook=teacher)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str):

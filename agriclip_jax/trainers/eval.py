@@ -24,7 +24,6 @@ import numpy as np
 
 from agriclip_jax import config_lib
 from agriclip_jax import distributed
-from agriclip_jax import metric_writer
 from agriclip_jax import results as results_lib
 from agriclip_jax import runs
 from agriclip_jax import sharding
@@ -301,10 +300,8 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   for name, entry in config.datasets.items():
     config_lib.check_keys(entry, DATASET_FIELDS, f"datasets.{name}")
     entries[name] = ml_collections.ConfigDict({**DATASET_FIELDS, **entry.to_dict()})
-  common.check_values(config)
-  common.run_requirements(config, workdir)
-  mesh = sharding.make_mesh(config.mesh)
-  writer = metric_writer.Writer(workdir)
+  mesh = common.begin(config, workdir)
+  writer = common.open_workdir(config, workdir)
   all_results = {} if config.force else results_lib.read(workdir)
   keys_path = os.path.join(workdir, KEYS)
   keys = {}

@@ -12,19 +12,18 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from agriclip_jax import config_lib
 from agriclip_jax import optim
 from agriclip_jax.input import pipeline
 from agriclip_jax.input import preprocess
-from agriclip_jax.losses import dino as dino_loss
 from agriclip_jax.models import dino as dino_model
 from agriclip_jax.models import two_towers
 from agriclip_jax.models import vit
 from agriclip_jax.trainers import common
 from agriclip_jax.trainers import contrastive
 from agriclip_jax.trainers import dino
+from agriclip_jax.trainers import step as step_lib
 
 OPEN_FIELDS = ("evals", "model.img", "model.txt", "model.dino_head")
 TEACHER_PARTS = ("img", "dino_head")  # What the EMA teacher holds.
@@ -81,9 +80,6 @@ def train(config: ml_collections.ConfigDict, workdir: str):
       config.loss_chunk_size, setup.mesh, config.input.batch_size, config.logit_precision)
   weights = {k: optim.cosine(w.start, w.end, config.total_steps)
              for k, w in config.loss_weights.items()}
-  teacher_temp = optim.warmup_then_constant(d.warmup_teacher_temp, d.teacher_temp,
-                                            d.warmup_teacher_temp_steps)
-  momentum = optim.cosine(d.teacher_momentum, d.teacher_momentum_end, config.total_steps)
 
   def views_logits(parts, images, rng=None):
     _, out = image_tower.apply({"params": parts["img"]}, normalize(images),
@@ -91,35 +87,18 @@ def train(config: ml_collections.ConfigDict, workdir: str):
                                rngs={} if rng is None else {"dropout": rng})
     return head.apply({"params": parts["dino_head"]}, out["pre_logits"].astype(jnp.float32))
 
-  def step(state, batch):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    global_views, local_views = dino.views(batch, d.num_local)
-    teacher = dino.split_views(views_logits(state["teacher"], global_views), 2)
-    temp = teacher_temp(state["step"])
-    w_contrastive, w_dino = (weights[k](state["step"]) for k in ("contrastive", "dino"))
-    trainable, frozen = optim.split(state["params"], spec.labels)
+  teacher = dino.Teacher(config, views_logits, parts=TEACHER_PARTS)
 
-    def objective(t):
-      params = optim.merge(t, frozen)
-      loss_c, metrics = contrastive_objective(
-          {k: v for k, v in params.items() if k != "dino_head"}, batch, rng)
-      outputs = dino.student_outputs(lambda p, x, r: views_logits(p, x, r), params,
-                                     global_views, local_views, d.num_local, rng)
-      loss_d = dino_loss.loss(outputs, teacher, state["center"], d.student_temp, temp)
-      metrics.update({"loss/contrastive": loss_c, "loss/dino": loss_d})
-      return w_contrastive * loss_c + w_dino * loss_d, metrics
+  def objective(params, batch, rng, context):
+    w_contrastive, w_dino = (weights[k](context["step"]) for k in ("contrastive", "dino"))
+    loss_c, metrics = contrastive_objective(
+        {k: v for k, v in params.items() if k != "dino_head"}, batch, rng)
+    loss_d = teacher.loss(views_logits, params, context, rng)
+    metrics.update({"loss/contrastive": loss_c, "loss/dino": loss_d,
+                    "weight/contrastive": w_contrastive, "weight/dino": w_dino})
+    return w_contrastive * loss_c + w_dino * loss_d, metrics
 
-    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
-    updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-    updates = dino.freeze_last_layer(updates, state["step"], d.freeze_last_layer_steps)
-    params = optim.merge(optax.apply_updates(trainable, updates), frozen)
-    m = momentum(state["step"])
-    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), lr=lr_schedule(state["step"]),
-                   teacher_temp=temp, teacher_momentum=m,
-                   **{"weight/contrastive": w_contrastive, "weight/dino": w_dino})
-    return dict(state, step=state["step"] + 1, params=params, opt_state=opt_state,
-                **dino.teacher_update(state, {k: params[k] for k in TEACHER_PARTS}, teacher,
-                                      m, d.center_momentum)), metrics
+  step = step_lib.train_step(objective, tx, spec.labels, lr_schedule, hook=teacher)
 
   crops = preprocess.dino_crops(d.global_size, d.local_size, d.num_local, d.global_scale,
                                 d.local_scale)

@@ -15,6 +15,7 @@ from agriclip_jax.input import pipeline
 from agriclip_jax.input import preprocess
 from agriclip_jax.models import classifier
 from agriclip_jax.trainers import common
+from agriclip_jax.trainers import step as step_lib
 
 OPEN_FIELDS = ("evals", "model.img")
 
@@ -64,5 +65,5 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   def encode_images(params, images):
     return model.apply({"params": params}, normalize(images))
 
-  return setup.run(spec, common.train_step(objective, tx, spec.labels, lr_schedule),
+  return setup.run(spec, step_lib.train_step(objective, tx, spec.labels, lr_schedule),
                    make_transform, encode_images)
