@@ -36,12 +36,14 @@ import orbax.checkpoint as ocp
 
 from agriclip_jax.pytree import path_str
 
+from agriclip_jax import errors
 
-class CheckpointMismatchError(ValueError):
+
+class CheckpointMismatchError(errors.UserError, ValueError):
   """A checkpoint does not fit the model/optimizer the config describes."""
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(errors.UserError, OSError):
   """A checkpoint could not be written (full disk, quota, read-only file system)."""
 
 

@@ -17,8 +17,10 @@ from typing import Iterable
 from absl import flags
 import ml_collections
 
+from agriclip_jax import errors
 
-class ConfigError(ValueError):
+
+class ConfigError(errors.UserError, ValueError):
   """The config names something that does not exist or is inconsistent."""
 
 

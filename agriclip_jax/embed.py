@@ -30,12 +30,13 @@ def main(argv=None) -> int:
   if bool(args.images) == bool(args.texts):
     parser.error("give images or --texts, not both or neither")
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from agriclip_jax import config_lib  # pylint: disable=g-import-not-at-top
   from agriclip_jax import errors  # pylint: disable=g-import-not-at-top
   from agriclip_jax import inference  # pylint: disable=g-import-not-at-top
   skipped = []
   try:
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-      raise errors.ConfigError(f"--out {args.out}: its directory does not exist")
+      raise config_lib.ConfigError(f"--out {args.out}: its directory does not exist")
     model = inference.Model.load(args.checkpoint, format=args.checkpoint_format,
                                  tokenizer=args.tokenizer)
     if args.texts:
@@ -43,9 +44,9 @@ def main(argv=None) -> int:
         with open(args.texts, encoding="utf-8-sig") as f:  # A leading BOM is not text.
           names = [line.rstrip("\n") for line in f if line.strip()]
       except UnicodeDecodeError as e:
-        raise errors.ConfigError(f"{args.texts} is not UTF-8 text ({e.reason})") from None
+        raise config_lib.ConfigError(f"{args.texts} is not UTF-8 text ({e.reason})") from None
       if not names:
-        raise errors.ConfigError(f"{args.texts} holds no text")
+        raise config_lib.ConfigError(f"{args.texts} holds no text")
       vectors = model.texts(names)
     else:
       arrays, names, skipped = inference.decode_images(

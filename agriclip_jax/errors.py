@@ -1,16 +1,15 @@
-"""Errors that mean "the input is wrong", which the launcher reports as one line."""
+"""The base of errors that mean "the input is wrong", which the commands report as one line.
 
-from agriclip_jax.checkpointing import CheckpointMismatchError, CheckpointWriteError
-from agriclip_jax.config_lib import ConfigError
-from agriclip_jax.input.datasets import DatasetError
-from agriclip_jax.input.preprocess import CorruptImageError
-from agriclip_jax.trainers.loop import NonFiniteError, Preempted
-from agriclip_jax.workdir_lock import WorkdirError, WorkdirInUseError
-from data.builder_utils import InputError
+Each layer defines its own error types where it raises them (`config_lib.ConfigError`,
+`input.datasets.DatasetError`, `checkpointing.CheckpointMismatchError`, ...) as subclasses of
+`UserError`, so this module, at the bottom of the import graph, imports none of them.
+Builders' input errors (`data.builder_utils.InputError`, outside the package) become
+`DatasetError` where the package runs a build.
+"""
 
-__all__ = ["ConfigError", "Preempted", "USER_ERRORS"]
 
-USER_ERRORS = (CheckpointMismatchError, CheckpointWriteError, ConfigError, CorruptImageError,
-               DatasetError, InputError, NonFiniteError, FileNotFoundError, WorkdirError,
-               WorkdirInUseError)
+class UserError(Exception):
+  """A wrong config, dataset, checkpoint, file or workdir: reported in one line, no trace."""
 
+
+USER_ERRORS = (UserError, FileNotFoundError)

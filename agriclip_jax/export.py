@@ -46,6 +46,7 @@ def main(argv=None) -> int:
   if (args.wise_base is None) != (args.alpha is None):
     parser.error("--wise-base and --alpha go together")
   import jax  # pylint: disable=g-import-not-at-top
+  from agriclip_jax import config_lib  # pylint: disable=g-import-not-at-top
   from agriclip_jax import errors  # pylint: disable=g-import-not-at-top
   from agriclip_jax import runs  # pylint: disable=g-import-not-at-top
   from agriclip_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -54,9 +55,9 @@ def main(argv=None) -> int:
   status = 0
   try:
     if not os.path.exists(args.workdir):
-      raise errors.ConfigError(f"--workdir {args.workdir} does not exist")
+      raise config_lib.ConfigError(f"--workdir {args.workdir} does not exist")
     if os.path.exists(args.out) and os.listdir(args.out):
-      raise errors.ConfigError(f"--out {args.out} exists and is not empty")
+      raise config_lib.ConfigError(f"--out {args.out} exists and is not empty")
     mesh = sharding.make_mesh([("data", -1), ("fsdp", 1)], jax.local_devices())
     run = runs.load(args.workdir, mesh, args.checkpoint_format, args.tokenizer, args.step)
     if args.wise_base is not None:

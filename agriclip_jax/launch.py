@@ -77,6 +77,7 @@ def main(argv) -> int:
   from agriclip_jax import errors  # pylint: disable=g-import-not-at-top
   from agriclip_jax import trainers  # pylint: disable=g-import-not-at-top
   from agriclip_jax.trainers import common  # pylint: disable=g-import-not-at-top
+  from agriclip_jax.trainers import loop  # pylint: disable=g-import-not-at-top
 
   config_spec = flags.FLAGS["config"].config_filename
   config_path = config_spec.partition(":")[0]
@@ -94,7 +95,7 @@ def main(argv) -> int:
   except errors.USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  except errors.Preempted as e:
+  except loop.Preempted as e:
     print(f"preempted: {e}", file=sys.stderr)
     return 143
   for line in common.describe(summary):

@@ -30,12 +30,14 @@ from absl import logging
 import jax
 import numpy as np
 
+from agriclip_jax import errors
 
-class WorkdirInUseError(RuntimeError):
+
+class WorkdirInUseError(errors.UserError, RuntimeError):
   """Another run holds the workdir's lock."""
 
 
-class WorkdirError(RuntimeError):
+class WorkdirError(errors.UserError, RuntimeError):
   """The workdir cannot be created or written."""
 
 

@@ -138,3 +138,13 @@ def test_training_on_a_class_subset_reads_only_its_examples(small, tmp_path):
   assert len(source) == sum(l in (0, 1, 2, 3, 4, 7) for l in labels) > 0
   chosen = {0, 1, 2, 3, 4, 7} & set(labels)  # Held-out classes have no training examples.
   assert {int(source[i]["label"]) for i in range(len(source))} == chosen and len(chosen) > 2
+
+
+def test_a_builders_input_error_is_a_user_error_when_the_package_builds():
+  from agriclip_jax import errors  # pylint: disable=g-import-not-at-top
+  from data import builder_utils  # pylint: disable=g-import-not-at-top
+  with pytest.raises(datasets.DatasetError, match=r"^alive: captions.csv:3: bad row$") as e:
+    with datasets.building("alive"):
+      raise builder_utils.InputError("captions.csv:3: bad row")
+  assert isinstance(e.value, errors.USER_ERRORS)
+  assert not isinstance(builder_utils.InputError("x"), errors.USER_ERRORS)  # Hence the wrap.

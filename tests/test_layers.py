@@ -1,10 +1,26 @@
-"""The package's import graph has no cycles, counting imports inside functions too (a cycle
-hidden in a function is still two modules that cannot be understood or moved apart)."""
+"""The package's import graph has no cycles and no upward import between its layers, counting
+imports inside functions too (a cycle hidden in a function is still two modules that cannot be
+understood or moved apart)."""
 
 import ast
 import pathlib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+
+# The layers, lowest first: a module may import its own layer and those below (a name covers
+# its submodules; the longest matching name decides). The commands are the top.
+LAYERS = (
+    ("data", "agriclip_jax.errors", "agriclip_jax.pytree"),
+    ("agriclip_jax.config_lib", "agriclip_jax.sharding", "agriclip_jax.distributed",
+     "agriclip_jax.workdir_lock", "agriclip_jax.metric_writer", "agriclip_jax.optim",
+     "agriclip_jax.checkpointing", "agriclip_jax.results"),
+    ("agriclip_jax.input",),
+    ("agriclip_jax.losses", "agriclip_jax.models"),
+    ("agriclip_jax.evaluators",),
+    ("agriclip_jax.trainers", "agriclip_jax.runs", "agriclip_jax.inference"),
+    ("agriclip_jax", "agriclip_jax.launch", "agriclip_jax.predict", "agriclip_jax.embed",
+     "agriclip_jax.export", "agriclip_jax.plan", "agriclip_jax.benchmarks"),
+)
 
 
 def modules(root: pathlib.Path, packages) -> dict[str, pathlib.Path]:
@@ -83,6 +99,17 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
   return out
 
 
+def layer_of(module: str) -> int | None:
+  matches = [(len(name), i) for i, names in enumerate(LAYERS) for name in names
+             if module == name or module.startswith(name + ".")]
+  return max(matches)[1] if matches else None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+  return [f"{m} -> {e}" for m, edges in sorted(graph.items()) for e in sorted(edges)
+          if layer_of(e) > layer_of(m)]
+
+
 def test_no_module_imports_itself_through_others():
   mods = modules(REPO, ("agriclip_jax", "data"))
   assert len(mods) > 80
@@ -101,3 +128,29 @@ def test_a_cycle_through_a_function_level_import_is_found(tmp_path):
   (package / "d.py").write_text("from pkg import a\n")
   found = cycles(import_graph(modules(tmp_path, ("pkg",))))
   assert found == [["pkg.a", "pkg.b", "pkg.c"]]
+
+
+def test_no_module_imports_a_higher_layer():
+  graph = import_graph(modules(REPO, ("agriclip_jax", "data")))
+  assert [m for m in graph if layer_of(m) is None] == []  # Every module has its layer.
+  assert upward_imports(graph) == []
+  # The user-facing errors' base imports nothing: each layer defines its own error types.
+  assert graph["agriclip_jax.errors"] == set()
+  # An upward edge is found (the errors module once imported the training loop's errors).
+  graph["agriclip_jax.errors"] = {"agriclip_jax.trainers.loop"}
+  assert upward_imports(graph) == ["agriclip_jax.errors -> agriclip_jax.trainers.loop"]
+
+
+def test_every_layers_user_errors_are_caught_by_the_commands():
+  # pylint: disable=g-import-not-at-top
+  from agriclip_jax import checkpointing, config_lib, errors, workdir_lock
+  from agriclip_jax.input import datasets, preprocess
+  from agriclip_jax.models.importers import common as importers
+  from agriclip_jax.trainers import loop
+  for error in (checkpointing.CheckpointMismatchError, checkpointing.CheckpointWriteError,
+                config_lib.ConfigError, datasets.DatasetError, preprocess.CorruptImageError,
+                loop.NonFiniteError, workdir_lock.WorkdirError, workdir_lock.WorkdirInUseError,
+                importers.CheckpointImportError, FileNotFoundError):
+    assert issubclass(error, errors.USER_ERRORS), error
+  assert not issubclass(loop.Preempted, errors.USER_ERRORS)  # Exit 143, not an input error.
+  assert issubclass(checkpointing.CheckpointWriteError, OSError)  # Their old bases stay.

@@ -17,8 +17,10 @@ import time
 from absl import logging
 import tensorflow_datasets as tfds
 
+from agriclip_jax import errors
 
-class DatasetError(RuntimeError):
+
+class DatasetError(errors.UserError, RuntimeError):
   """A dataset is missing, unknown or unusable; the message says what to do."""
 
 
@@ -46,6 +48,16 @@ def file_lock(path: str):
       yield
     finally:
       fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def building(name: str):
+  """Runs a dataset build, reporting the builders' input errors as `DatasetError`."""
+  from data import builder_utils  # pylint: disable=g-import-not-at-top
+  try:
+    yield
+  except builder_utils.InputError as e:
+    raise DatasetError(f"{name}: {e}") from None
 
 
 def builder(name: str, data_dir: str | None = None, prepare: bool = True,
@@ -77,7 +89,8 @@ def builder(name: str, data_dir: str | None = None, prepare: bool = True,
     if not b.is_prepared():
       logging.info("Building dataset %s into %s (once) ...", name, data_dir)
       start = time.time()
-      b.download_and_prepare(file_format="array_record")
+      with building(name):
+        b.download_and_prepare(file_format="array_record")
       logging.info("Built %s in %.1fs.", name, time.time() - start)
   return b
 

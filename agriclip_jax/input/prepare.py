@@ -93,7 +93,7 @@ def main(argv):
   try:
     builder, report = prepare(argv[1], os.path.expanduser(FLAGS.manual_dir), FLAGS.data_dir,
                               FLAGS.option, FLAGS.force, FLAGS.config_name)
-  except (ValueError, *errors.USER_ERRORS) as e:
+  except (ValueError, *errors.USER_ERRORS) as e:  # Builders' InputError is a ValueError.
     print(f"error: {e}", file=sys.stderr)
     return 2
   sizes = {k: v.num_examples for k, v in builder.info.splits.items()}

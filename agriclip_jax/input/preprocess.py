@@ -17,12 +17,14 @@ from PIL import ImageEnhance
 from PIL import ImageFilter
 from PIL import ImageOps
 
+from agriclip_jax import errors
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 EXIF_ORIENTATION = 0x0112
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(errors.UserError, ValueError):
   """The bytes are not a decodable image."""
 
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from agriclip_jax import checkpointing
 from agriclip_jax import config_lib
+from agriclip_jax import errors
 from agriclip_jax import metric_writer
 from agriclip_jax import optim
 from agriclip_jax import sharding
@@ -50,7 +51,7 @@ MAX_UNCHECKED = 4
 FINITE_KEYS = ("loss", "grad_norm")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(errors.UserError, RuntimeError):
   """The loss or gradient norm became NaN or infinite."""
 
 
