@@ -74,14 +74,18 @@ def make_spec(model_init: Callable[[jax.Array], Any], tx, labels, mesh, rules, s
 def latest_step(directory: str) -> int | None:
   """The newest step in `directory` whose checkpoint has every file its manifest lists, at
   its size; a damaged one is skipped here (a resuming run moves it aside), so loaders never
-  read it. Checksums are left to the restore: this is called several times at start-up."""
+  read it. Checksums are left to the restore: this is called several times at start-up.
+
+  This is the question "which checkpoint can be read" for every reader; only a training run,
+  while it saves, asks its Orbax manager (`checkpointing.Checkpoints.latest_step`), which also
+  knows of a save still being written."""
   if not os.path.isdir(directory):
     return None
   steps = [int(d) for d in os.listdir(directory)
            if d.isdigit() and os.path.isdir(os.path.join(directory, d, "state"))]
   return next((step for step in sorted(steps, reverse=True)
-               if checkpointing.damage(os.path.join(directory, str(step)), checksums=False) is None),
-              None)
+               if checkpointing.damage(os.path.join(directory, str(step)),
+                                       checksums=False) is None), None)
 
 
 def load_params(init_config, state, spec: StateSpec, workdir: str):
@@ -91,13 +95,9 @@ def load_params(init_config, state, spec: StateSpec, workdir: str):
   parameter paths that select what is copied. Every selected parameter must exist in this
   model with the same shape.
   """
-  source = os.path.join(config_lib.expand_path(init_config.workdir, workdir), "checkpoints")
-  step = latest_step(source)
-  if step is None:
-    raise config_lib.ConfigError(f"config.init.workdir has no checkpoint in {source}")
-  path = os.path.join(source, str(step), "state")
-  checkpointer = ocp.PyTreeCheckpointer()
-  stored = flatten(checkpointer.metadata(path).item_metadata.tree["params"])
+  path, _ = _latest_state(config_lib.expand_path(init_config.workdir, workdir),
+                          where="config.init.workdir ")
+  stored = flatten(ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree["params"])
   select = config_lib.compile_regex(init_config.get("params") or ".*", "config.init.params")
   skip = (config_lib.compile_regex(init_config.skip, "config.init.skip")
           if init_config.get("skip") else None)
@@ -110,11 +110,7 @@ def load_params(init_config, state, spec: StateSpec, workdir: str):
     raise checkpointing.mismatch(f"cannot initialise from {path}", problems)
   if not chosen:
     raise config_lib.ConfigError(f"config.init selects no parameters of {path}")
-  item = {"params": unflatten({k: target[k] for k in chosen})}
-  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), item)
-  loaded = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-      item=item, restore_args=restore_args, partial_restore=True))
-  loaded = flatten(loaded["params"])
+  loaded = flatten(restore(path, {"params": unflatten({k: target[k] for k in chosen})})["params"])
   logging.info("Initialised %d of %d parameter arrays from %s", len(loaded), len(target), path)
   return {**state, "params": unflatten({**flatten(state["params"]), **loaded})}, set(loaded)
 
@@ -183,8 +179,18 @@ def run_config(workdir: str):
     return ml_collections.ConfigDict(json.load(f))
 
 
-def _latest_state(workdir: str, step: int | None = None) -> tuple[str, int]:
-  """(state path, step) of the run's latest checkpoint, or of checkpoint `step`."""
+def restore(path: str, item):
+  """The arrays of `item`, a part of the state stored at `path` (ShapeDtypeStructs with
+  shardings), read and placed: the one partial restore of another run's checkpoint."""
+  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), item)
+  return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=True))
+
+
+def _latest_state(workdir: str, step: int | None = None,
+                  where: str = "") -> tuple[str, int]:
+  """(state path, step) of the run's latest intact checkpoint, or of checkpoint `step`;
+  `where` prefixes the error (the config field that named the run)."""
   directory = os.path.join(config_lib.absolute(workdir), "checkpoints")
   if step is not None:
     path = os.path.join(directory, str(step))
@@ -199,7 +205,7 @@ def _latest_state(workdir: str, step: int | None = None) -> tuple[str, int]:
     return os.path.join(path, "state"), step
   step = latest_step(directory)
   if step is None:
-    raise config_lib.ConfigError(f"{workdir} has no checkpoint")
+    raise config_lib.ConfigError(f"{where}{workdir} has no checkpoint")
   return os.path.join(directory, str(step), "state"), step
 
 
@@ -223,8 +229,4 @@ def load_entry(workdir: str, entry: str, shardings,
     shardings = jax.tree.map(lambda _: shardings, shapes)
   item = {entry: jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                               shapes, shardings)}
-  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), item)
-  path, _ = _latest_state(workdir, step)
-  restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-      item=item, restore_args=restore_args, partial_restore=True))
-  return restored[entry], step
+  return restore(_latest_state(workdir, step)[0], item)[entry], step
