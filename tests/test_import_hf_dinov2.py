@@ -6,6 +6,7 @@ import pytest
 
 from agriclip_jax.models import importers
 from agriclip_jax.models.importers import common
+from agriclip_jax.models.importers import resample
 import importer_utils as utils
 
 torch = pytest.importorskip("torch")
@@ -101,9 +102,9 @@ def test_antialiased_resampling_equals_torch(shape):
   want = torch.nn.functional.interpolate(
       torch.from_numpy(grid.transpose(0, 3, 1, 2)), size=(height, width), mode="bicubic",
       align_corners=False, antialias=True).numpy().transpose(0, 2, 3, 1)
-  np.testing.assert_allclose(common.antialiased_resample_grid(grid, height, width), want,
+  np.testing.assert_allclose(resample.antialiased_resample_grid(grid, height, width), want,
                              atol=1e-12)
-  plain = common.resample_grid(grid, height, width)  # The kernels do differ.
+  plain = resample.resample_grid(grid, height, width)  # The kernels do differ.
   assert np.abs(plain - want).max() > 1e-3
 
 

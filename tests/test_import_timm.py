@@ -13,6 +13,7 @@ from agriclip_jax.models import two_towers
 from agriclip_jax.models import vit
 from agriclip_jax.models.importers import common
 from agriclip_jax.models.importers import dino
+from agriclip_jax.models.importers import resample
 import importer_utils as utils
 
 torch = pytest.importorskip("torch")
@@ -155,7 +156,7 @@ def test_timm_resampled_resolution_equals_timms_own_resampling(tmp_path):
   bigger.load_state_dict(timm_vit.checkpoint_filter_fn(_state(model), bigger))
   _assert_equal_timm(checkpoint, bigger, utils.random_images(2, 48))
   assert checkpoint.params["img/pos_embedding"].shape == (1, 4, 4, 48)
-  plain = common.resample_grid(checkpoint.params["img/pos_embedding"], 6, 6)
+  plain = resample.resample_grid(checkpoint.params["img/pos_embedding"], 6, 6)
   ours = checkpoint.resample(checkpoint.params["img/pos_embedding"], 6, 6)
   assert np.abs(plain - ours).max() > 1e-2
 

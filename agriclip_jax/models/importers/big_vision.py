@@ -30,6 +30,7 @@ import ml_dtypes
 import numpy as np
 
 from agriclip_jax.models.importers import common
+from agriclip_jax.models.importers import resample
 from agriclip_jax.models.importers import timm_vit
 from agriclip_jax.models.importers.common import Rule
 
@@ -156,4 +157,4 @@ def read(path: str) -> common.Checkpoint:
   image_size = params["img/pos_embedding"].shape[1] * img["patch_size"]
   return common.Checkpoint(FORMAT, path, params, dict(img=img), image_size=image_size,
                            mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), optional=optional,
-                           resample=common.bilinear_resample_grid)
+                           resample=resample.bilinear_resample_grid)

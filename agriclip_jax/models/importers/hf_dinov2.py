@@ -12,12 +12,12 @@ The SwiGLU MLP of ViT-g/14 (`mlp.weights_in/weights_out`) is refused.
 Position embeddings at another resolution. HF resamples the [1 + N, w] table at run time with
 PyTorch's bicubic `interpolate(size=grid)` (align_corners=False); this version of transformers no
 longer uses the original repository's `scale_factor` with its +0.1 offset. For `Dinov2Model`
-that is exactly `common.resample_grid`. `Dinov2WithRegistersModel` passes `antialias=True`, as
+that is exactly `resample.resample_grid`. `Dinov2WithRegistersModel` passes `antialias=True`, as
 the original registers models do, which is a different kernel even when enlarging: Keys' cubic
 with a = -0.5 (PIL's) instead of -0.75, taps outside the grid dropped and the rest renormalised
 instead of clamped to the edge, and the kernel widened by the ratio when shrinking.
-`common.antialiased_resample_grid` computes those weights, so both families resampled at import equal
-HF's output at the new resolution.
+`resample.antialiased_resample_grid` computes those weights, so both families resampled at
+import equal HF's output at the new resolution.
 """
 
 import os
@@ -26,6 +26,7 @@ import re
 from agriclip_jax.models.importers import common
 from agriclip_jax.models.importers import hf_clip
 from agriclip_jax.models.importers import hf_vit
+from agriclip_jax.models.importers import resample
 from agriclip_jax.models.importers.common import Rule, linear
 
 FORMAT = "hf_dinov2"
@@ -87,9 +88,7 @@ def read(path: str) -> common.Checkpoint:
     hf_vit.zero_qkv_biases(params, img["depth"], img["width"])
   size = hf_vit.square(config.get("image_size", 518), "image_size")
   prep = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, **hf_clip.preprocessing(path, size)}
-  resample = (common.antialiased_resample_grid if config.get("model_type") == "dinov2_with_registers"
-              else None)
-  return common.Checkpoint(FORMAT, path, params, dict(img=img), resample=resample, **prep)
-
-
-# ------------------------------------------------------------------ antialiased resampling
+  registers = config.get("model_type") == "dinov2_with_registers"
+  return common.Checkpoint(FORMAT, path, params, dict(img=img),
+                           resample=resample.antialiased_resample_grid if registers else None,
+                           **prep)

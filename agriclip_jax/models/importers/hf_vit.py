@@ -12,7 +12,7 @@ on the same pooled vector) goes to `Checkpoint.optional` as the tower's head (lo
 
 Position embeddings at another resolution: HF's `interpolate_pos_encoding` resizes the patch
 grid with PyTorch's plain bicubic (align_corners=False, no antialiasing), which is
-`common.resample_grid`: resampled at import, the output equals HF's at the new size.
+`resample.resample_grid`: resampled at import, the output equals HF's at the new size.
 Images: normalised as the directory's preprocessor_config.json says, else as
 `ViTImageProcessor` does by default (mean = std = 0.5).
 """

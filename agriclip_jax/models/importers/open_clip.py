@@ -45,6 +45,7 @@ import numpy as np
 from agriclip_jax.models import layers
 from agriclip_jax.input import clip_bpe
 from agriclip_jax.models.importers import common
+from agriclip_jax.models.importers import resample
 from agriclip_jax.models.importers.common import Rule, conv, linear, split_qkv
 
 FORMAT = "open_clip"
@@ -371,7 +372,7 @@ def read(path: str, activation: str | None = None) -> common.Checkpoint:
   assumed = ("activation", "num_heads") if model_cfg is None and not activation else ()
   return common.Checkpoint(FORMAT, path, params, model, tokenizer=tokenizer,
                            context_length=context_length, assumed=assumed,
-                           resample=common.antialiased_resample_grid,
+                           resample=resample.antialiased_resample_grid,
                            **_preprocessing(config, grid * model["img"]["patch_size"]))
 
 

@@ -34,6 +34,7 @@ from absl import logging
 import numpy as np
 
 from agriclip_jax.models.importers import common
+from agriclip_jax.models.importers import resample
 from agriclip_jax.models.importers.common import Rule, conv, linear, split_qkv
 
 FORMAT = "timm"
@@ -303,7 +304,7 @@ def from_state(state: Mapping[str, np.ndarray], config: dict, path: str, format_
   return common.Checkpoint(
       format_name, path, params, dict(img=img), image_size=int(image_size), assumed=assumed,
       mean=tuple(cfg.get("mean") or mean), std=tuple(cfg.get("std") or std),
-      optional=optional, resample=common.antialiased_resample_grid)
+      optional=optional, resample=resample.antialiased_resample_grid)
 
 
 def read_state(path: str, wrappers=("state_dict", "model"),
