@@ -85,19 +85,19 @@ def warmup_then_constant(start: float, end: float, warmup_steps: int):
 
 
 def scheduled_decay(weight_decay: Callable[[Any], Any], mask) -> optax.GradientTransformation:
-  """Adds `weight_decay(step) * param` to the update where `mask(params)` is True."""
+  """Adds `weight_decay(step) * param` to the update where `mask(params)` is True.
 
-  def init(params):
-    del params
-    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+  Optax's `add_decayed_weights` with its `mask=` would wrap the schedule's step count in a
+  `MaskedState`, moving it in the optimizer state and so in every checkpoint written before;
+  masking the parameters it reads instead (zero adds nothing) keeps the stored layout.
+  """
+  decay = optax.add_decayed_weights(weight_decay)
 
   def update(updates, state, params):
-    rate = weight_decay(state.count)
-    updates = jax.tree.map(lambda u, p, m: u + rate * p if m else u, updates, params,
-                           mask(params))
-    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+    kept = jax.tree.map(lambda p, m: p if m else jnp.zeros_like(p), params, mask(params))
+    return decay.update(updates, state, kept)
 
-  return optax.GradientTransformation(init, update)
+  return optax.GradientTransformation(decay.init, update)
 
 
 def clip_each(max_norm: float) -> optax.GradientTransformation:
