@@ -269,6 +269,12 @@ def stream_json_object(path: str, chunk_size: int = 1 << 20) -> Iterator[tuple[s
 
   This is how iNaturalist's multi-gigabyte annotation files are read. A syntax error stops
   with the file, line and column, like `load_json`.
+
+  Kept rather than a streaming parser library (ijson 3.6, its C backend): on a 136 MB file in
+  iNat-2021's layout (400k images and annotations, 10k categories) this reads every item in
+  13 s in one pass, where ijson took 27 s for one `items()` pass per array and 37 s for one
+  pass of its events; the standard library's C decoder parses each item here. ijson's errors
+  also give no line and column.
   """
   decoder = json.JSONDecoder()
   with open(path, encoding="utf-8") as f:

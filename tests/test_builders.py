@@ -610,3 +610,25 @@ def test_training_runs_on_each_prepared_dataset(prepared, tmp_path, config, over
       fractions = [m["targets/same_label_fraction"] for m in map(json.loads, f)
                    if "targets/same_label_fraction" in m]
     assert fractions and all(0 <= x < 1 for x in fractions)
+
+
+def test_bounded_memory_makes_tfds_spill_to_disk_past_its_cap(tmp_path):
+  """`bounded_memory` sets a private TFDS setting (no public one exists; the version is
+  pinned in requirements.txt): if an upgrade renames or stops reading it, this fails instead
+  of builds silently holding 1 GB of examples again."""
+  from tensorflow_datasets.core import shuffle as tfds_shuffle  # pylint: disable=g-import-not-at-top
+
+  def shuffler_after(num_bytes):
+    shuffler = tfds_shuffle.Shuffler(str(tmp_path), hash_salt="s", disable_shuffling=False)
+    for i in range(num_bytes // 1000):
+      shuffler.add(i, bytes(1000))
+    return shuffler
+
+  default = tfds_shuffle.MAX_MEM_BUFFER_SIZE
+  with builder_utils.bounded_memory(10_000):
+    assert len(shuffler_after(5_000).bucket_lengths) == 1  # Under the cap: in memory.
+    spilled = shuffler_after(20_000)
+    assert len(spilled.bucket_lengths) > 1 and sum(spilled.bucket_lengths) == 20
+    assert list(tmp_path.glob("bucket_*.tmp"))  # On disk.
+  assert tfds_shuffle.MAX_MEM_BUFFER_SIZE == default > 20_000  # Restored; it would not spill.
+  assert len(shuffler_after(20_000).bucket_lengths) == 1
