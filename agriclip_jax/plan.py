@@ -25,7 +25,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from agriclip_jax import config_lib
-from agriclip_jax.trainers import step as step_lib
 
 _FLAGS = {}
 GIB = 2**30
@@ -137,6 +136,7 @@ class Planner:
 
   def step(self, per_device: int) -> dict:
     """Figures of the train step at `per_device` examples per batch shard."""
+    from agriclip_jax.trainers import step as step_lib  # pylint: disable=g-import-not-at-top
     global_batch = per_device * self.shards
     step = self.make_step(batch_size=global_batch)
     compiled = step_lib.jit_step(step, self.spec, self.mesh).lower(

@@ -119,3 +119,13 @@ def test_loss_memory_benchmark_compiles_for_the_devices_it_reports():
   (row,) = figures["rows"]
   # 8 rows per device: the plain loss holds 8 x 2048 logits, the chunked 8 x 64 at a time.
   assert row["plain_mib"] * 2**20 >= 8 * 2048 * 4 and row["plain_mib"] > row["chunked_mib"]
+
+
+def test_the_planner_imports_jax_only_after_choosing_simulated_cpu_devices():
+  """JAX reads JAX_PLATFORMS when it is imported: were it imported with the planner module,
+  a GPU or TPU host would plan on its real accelerator instead of N simulated devices."""
+  code = ("import sys, agriclip_jax.plan; "
+          "print(sorted(m for m in ('jax', 'flax') if m in sys.modules))")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+  assert result.stdout.strip() == "[]", result.stdout
