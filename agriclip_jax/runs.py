@@ -104,6 +104,9 @@ def load(workdir: str, mesh: jax.sharding.Mesh, format: str | None = None,  # py
     if step is not None:
       raise config_lib.ConfigError(f"{workdir} is an align run: it has no steps")
     return _load_agriclip(config, workdir, mesh)
+  if config.trainer not in (*IMAGE_TEXT_TRAINERS, "dino", "supervised"):
+    raise config_lib.ConfigError(f"{workdir}: a {config.trainer!r} run has no model to "
+                                 "evaluate (use the runs it reads)")
   normalize = _normalizer(config)
   entry = "teacher" if config.trainer == "dino" else "params"
   params, step, params_sharding = _load_params(workdir, entry, config, mesh, step)
@@ -122,16 +125,14 @@ def load(workdir: str, mesh: jax.sharding.Mesh, format: str | None = None,  # py
     return Run(workdir, config, step, params, params_sharding, config.dino.global_size,
                lambda p, x: two_towers.l2_normalize(
                    model.apply({"params": p}, normalize(x))[1].astype(jnp.float32)))
-  if config.trainer == "supervised":  # Backbone features, before the class head.
-    tower = vit.Model(**classifier.make(config.model, None).image)  # No head: pre-logits.
+  # Supervised: backbone features, before the class head.
+  tower = vit.Model(**classifier.make(config.model, None).image)  # No head: pre-logits.
 
-    def features(p, x):
-      _, out = tower.apply({"params": p["img"]}, normalize(x))
-      return two_towers.l2_normalize(out["pre_logits"].astype(jnp.float32))
+  def features(p, x):
+    _, out = tower.apply({"params": p["img"]}, normalize(x))
+    return two_towers.l2_normalize(out["pre_logits"].astype(jnp.float32))
 
-    return Run(workdir, config, step, params, params_sharding, image_size, features)
-  raise config_lib.ConfigError(f"{workdir}: a {config.trainer!r} run has no model to "
-                               "evaluate (use the runs it reads)")
+  return Run(workdir, config, step, params, params_sharding, image_size, features)
 
 
 def load_imported(path: str, mesh: jax.sharding.Mesh, format: str | None = None,  # pylint: disable=redefined-builtin

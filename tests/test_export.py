@@ -195,3 +195,12 @@ def _export_args(argv, capsys, expect=0):
   captured = capsys.readouterr()
   assert code == expect, captured.err
   return json.loads(captured.out), captured.err
+
+
+def test_a_run_without_a_model_is_named_before_its_checkpoints_are_sought(tmp_path):
+  """An evaluation job's workdir has a config.json (it is a run) but no model and no
+  checkpoints: loading it says so, instead of "has no checkpoint"."""
+  from agriclip_jax import config_lib  # pylint: disable=g-import-not-at-top
+  (tmp_path / "config.json").write_text(json.dumps({"trainer": "eval"}))
+  with pytest.raises(config_lib.ConfigError, match="a 'eval' run has no model to evaluate"):
+    runs.load(str(tmp_path), sharding.make_mesh([("data", -1)]))
