@@ -56,7 +56,7 @@ class Checkpoint:
   # or head count): the configured model's values are taken for them, not checked.
   assumed: tuple[str, ...] = ()
   # How `fit` resizes a position grid (grid, height, width) -> grid, where the source resizes
-  # differently from PyTorch's plain bicubic (`resample_grid`, used when None).
+  # differently from PyTorch's plain bicubic (`resample.resample_grid`, used when None).
   resample: Callable[[np.ndarray, int, int], np.ndarray] | None = None
 
   def num_params(self) -> int:
@@ -289,6 +289,8 @@ def fold_class_position(params: dict[str, np.ndarray], prefix: str, num_prefix: 
     raise CheckpointImportError(f"{key}: {grid.shape[0]} patch positions are not a square grid")
   params[key] = grid.reshape(1, side, side, -1)
 
+
+# --------------------------------------------------------------------- fitting to a model
 
 def _reshapeable(source: tuple[int, ...], target: tuple[int, ...]) -> bool:
   """Whether `target` is `source` with adjacent axes split or merged only."""

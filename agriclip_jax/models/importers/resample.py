@@ -85,6 +85,3 @@ def antialiased_resample_grid(grid: np.ndarray, height: int, width: int) -> np.n
   cols = antialiased_cubic_weights(gw, width)
   out = np.einsum("hi,wj,bijd->bhwd", rows, cols, grid.astype(np.float64))
   return out.astype(grid.dtype)
-
-
-# --------------------------------------------------------------------- fitting to a model
