@@ -34,9 +34,10 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
-from agriclip_jax.pytree import path_str
-
+from agriclip_jax import config_lib
 from agriclip_jax import errors
+from agriclip_jax import files
+from agriclip_jax.pytree import path_str
 
 
 class CheckpointMismatchError(errors.UserError, ValueError):
@@ -105,9 +106,9 @@ class _DataRestore(ocp.args.CheckpointArgs):
 MANIFEST = "verified.json"
 
 
-def _crc32(path: str) -> int:
+def _crc32(path) -> int:
   crc = 0
-  with open(path, "rb") as f:
+  with files.path(path).open("rb") as f:
     while chunk := f.read(1 << 24):
       crc = zlib.crc32(chunk, crc)
   return crc
@@ -115,21 +116,19 @@ def _crc32(path: str) -> int:
 
 def _files(step_dir: str) -> list[str]:
   """Every file under `step_dir` but the manifest, as sorted paths relative to it."""
-  return sorted(os.path.relpath(os.path.join(root, name), step_dir)
-                for root, _, names in os.walk(step_dir) for name in names
+  step_dir = files.path(step_dir)
+  return sorted(os.fspath((root / name).relative_to(step_dir))
+                for root, _, names in step_dir.walk() for name in names
                 if not (root == step_dir and name.startswith(MANIFEST)))
 
 
 def write_manifest(step_dir: str) -> None:
   """`verified.json`: [size, crc32] of each file of a complete checkpoint, written last."""
-  files = {}
+  listed = {}
   for name in _files(step_dir):
-    path = os.path.join(step_dir, name)
-    files[name] = [os.path.getsize(path), _crc32(path)]
-  tmp = os.path.join(step_dir, MANIFEST + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump({"files": files}, f)
-  os.replace(tmp, os.path.join(step_dir, MANIFEST))
+    path = files.path(step_dir) / name
+    listed[name] = [path.stat().length, _crc32(path)]
+  files.write_json(files.path(step_dir) / MANIFEST, {"files": listed}, indent=None)
 
 
 def damage(step_dir: str, checksums: bool = True) -> str | None:
@@ -141,20 +140,19 @@ def damage(step_dir: str, checksums: bool = True) -> str | None:
   None too for a checkpoint without a manifest (written by older code, or a run killed
   between the save and its manifest): it is complete by Orbax's commit, only unchecked.
   """
-  path = os.path.join(step_dir, MANIFEST)
-  if not os.path.exists(path):
+  path = files.path(step_dir) / MANIFEST
+  if not path.exists():
     return None
   try:
-    with open(path) as f:
-      files = json.load(f)["files"]
+    listed = files.read_json(path)["files"]
   except (OSError, ValueError, KeyError, TypeError) as e:
     return f"{MANIFEST} is unreadable ({e})"
-  for name, (size, crc) in files.items():
-    file = os.path.join(step_dir, name)
-    if not os.path.isfile(file):
+  for name, (size, crc) in listed.items():
+    file = files.path(step_dir) / name
+    if not file.is_file():
       return f"{name} is missing"
-    if os.path.getsize(file) != size:
-      return f"{name} has {os.path.getsize(file)} bytes, {size} written"
+    if file.stat().length != size:
+      return f"{name} has {file.stat().length} bytes, {size} written"
     if checksums and _crc32(file) != crc:
       return f"{name} differs from what was written (CRC32)"
   return None
@@ -162,16 +160,16 @@ def damage(step_dir: str, checksums: bool = True) -> str | None:
 
 def _move_aside(step_dir: str) -> str:
   aside, n = step_dir + ".damaged", 1
-  while os.path.exists(aside):  # Damaged again after a later run rewrote this step.
+  while files.path(aside).exists():  # Damaged again after a later run rewrote this step.
     aside, n = f"{step_dir}.damaged.{n}", n + 1
-  os.rename(step_dir, aside)
+  files.path(step_dir).rename(aside)
   return aside
 
 
 class Checkpoints:
 
   def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = config_lib.absolute(directory)
     self._unverified = []  # Steps saved (maybe still being written) without a manifest yet.
     self._failed = False  # A save failed to write: nothing more is written or waited for.
     self.manager = ocp.CheckpointManager(
@@ -197,6 +195,8 @@ class Checkpoints:
 
   def _check_space(self, step: int, needed: int) -> None:
     """CheckpointWriteError, on every process, unless each has room for its part of `step`."""
+    if not files.is_local(self.directory):
+      return  # Object stores are not filled up by a checkpoint.
     free = shutil.disk_usage(self.directory).free
     short = np.int32(free < needed)
     if jax.process_count() > 1:
@@ -236,10 +236,10 @@ class Checkpoints:
 
   def _newest_intact(self) -> int:
     for step in sorted(self.manager.all_steps(), reverse=True):
-      step_dir = os.path.join(self.directory, str(step))
+      step_dir = files.join(self.directory, str(step))
       problem = damage(step_dir)
       if problem is None:
-        if not os.path.exists(os.path.join(step_dir, MANIFEST)):
+        if not (files.path(step_dir) / MANIFEST).exists():
           logging.warning("Checkpoint %s has no %s (written by older code, or the run stopped "
                           "before writing it): restoring it unverified", step_dir, MANIFEST)
         return step
@@ -281,8 +281,8 @@ class Checkpoints:
     except Exception as e:  # pylint: disable=broad-exception-caught
       raise self._write_error(self._unverified[-1] if self._unverified else -1, e) from None
     for step in self._unverified:
-      step_dir = os.path.join(self.directory, str(step))
-      if jax.process_index() == 0 and os.path.isdir(step_dir):  # Not deleted by max_to_keep.
+      step_dir = files.join(self.directory, str(step))
+      if jax.process_index() == 0 and files.path(step_dir).is_dir():  # Not deleted by max_to_keep.
         write_manifest(step_dir)
     self._unverified = []
 

@@ -14,6 +14,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from agriclip_jax import config_lib
+from agriclip_jax import files
 
 
 def slurm_tasks() -> int:
@@ -77,7 +78,7 @@ def quiet_library_logs() -> None:
 def exists_everywhere(path: str) -> bool:
   """Whether every process sees `path`: a cache all processes use, or none (computing it is
   collective, so processes must agree)."""
-  exists = os.path.exists(path)
+  exists = files.path(path).exists()
   if jax.process_count() == 1:
     return exists
   return bool(np.min(multihost_utils.process_allgather(np.int32(exists))))

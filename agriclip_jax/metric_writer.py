@@ -5,12 +5,13 @@ Other processes get a writer that drops everything, so a multi-host run logs onc
 
 import json
 import math
-import os
 from typing import Any, Mapping
 
 from clu import metric_writers
 import jax
 import numpy as np
+
+from agriclip_jax import files
 
 
 def _scalar(value) -> float:
@@ -30,9 +31,9 @@ class Writer:
   def __init__(self, workdir: str):
     self.is_main = jax.process_index() == 0
     if self.is_main:
-      os.makedirs(workdir, exist_ok=True)
+      files.path(workdir).mkdir(parents=True, exist_ok=True)
       self.clu = metric_writers.create_default_writer(workdir, asynchronous=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._jsonl = files.LineLog(files.path(workdir) / "metrics.jsonl")
     else:
       self.clu = metric_writers.MultiWriter([])
       self._jsonl = None
@@ -52,16 +53,10 @@ class Writer:
     The file is rewritten atomically, so a crash leaves the old or the new one whole."""
     if not self._jsonl:
       return
-    path = self._jsonl.name
-    self._jsonl.close()
-    with open(path) as f:
-      lines = [line for line in f if line.strip()]
+    lines = [line for line in self._jsonl.lines() if line.strip()]
     kept = [line for line in lines if _step(line) <= step]
     if len(kept) < len(lines):
-      with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-      os.replace(path + ".tmp", path)
-    self._jsonl = open(path, "a")
+      self._jsonl.replace_lines(kept)
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     """[batch, height, width, 3] uint8 images (TensorBoard)."""
@@ -82,8 +77,7 @@ class Writer:
 
 def read_jsonl(workdir: str) -> list[dict[str, Any]]:
   """All records a run's Writer has written (tests and summaries read this)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = files.path(workdir) / "metrics.jsonl"
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

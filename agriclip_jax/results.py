@@ -6,38 +6,34 @@ of the AgriCLIP paper's table.
 """
 
 import csv
-import json
+import io
 import math
-import os
 from typing import Any
 
 import numpy as np
+
+from agriclip_jax import files
 
 Results = dict[str, dict[str, dict[str, float]]]
 
 
 def write(directory: str, results: Results, table_metrics=("zeroshot/top1",)) -> None:
-  with open(os.path.join(directory, "results.json.tmp"), "w") as f:
-    json.dump(results, f, indent=1, sort_keys=True)
-  os.replace(os.path.join(directory, "results.json.tmp"),
-             os.path.join(directory, "results.json"))
-  with open(os.path.join(directory, "results.csv"), "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["checkpoint", "dataset", "metric", "value"])
-    for checkpoint, datasets in sorted(results.items()):
-      for dataset, metrics in sorted(datasets.items()):
-        for metric, value in sorted(metrics.items()):
-          writer.writerow([checkpoint, dataset, metric, value])
-  with open(os.path.join(directory, "results.md"), "w") as f:
-    f.write(markdown_table(results, table_metrics))
+  directory = files.path(directory)
+  files.write_json(directory / "results.json", results, sort_keys=True)
+  table = io.StringIO()
+  writer = csv.writer(table)
+  writer.writerow(["checkpoint", "dataset", "metric", "value"])
+  for checkpoint, datasets in sorted(results.items()):
+    for dataset, metrics in sorted(datasets.items()):
+      for metric, value in sorted(metrics.items()):
+        writer.writerow([checkpoint, dataset, metric, value])
+  (directory / "results.csv").write_text(table.getvalue())
+  (directory / "results.md").write_text(markdown_table(results, table_metrics))
 
 
 def read(directory: str) -> Results:
-  path = os.path.join(directory, "results.json")
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+  path = files.path(directory) / "results.json"
+  return files.read_json(path) if path.exists() else {}
 
 
 def markdown_table(results: Results, metrics) -> str:
@@ -148,7 +144,9 @@ def plot_curves(path: str, x: list[float], curves: dict[str, list], xlabel: str,
 def _save(fig, path: str) -> np.ndarray:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
+  files.path(path).write_bytes(png.getvalue())
   fig.canvas.draw()
   image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
   plt.close(fig)

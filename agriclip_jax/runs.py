@@ -10,8 +10,6 @@ run's own sharding rules, so a model that was trained sharded is evaluated shard
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Any, Callable
 
 import jax
@@ -20,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from agriclip_jax import config_lib
+from agriclip_jax import files
 from agriclip_jax import pytree
 from agriclip_jax import sharding
 from agriclip_jax.input import preprocess
@@ -54,7 +53,7 @@ class Run:
   @property
   def key(self) -> tuple:
     """What caches of this model's outputs are keyed by."""
-    return (os.path.abspath(self.workdir), self.step, self.revision)
+    return (config_lib.absolute(self.workdir), self.step, self.revision)
 
   @property
   def has_text(self) -> bool:
@@ -79,12 +78,11 @@ def _normalizer(config):
 
 def is_run(path: str) -> bool:
   """Whether `path` is a workdir of this project's (its config.json names a trainer)."""
-  config_path = os.path.join(path, "config.json")
-  if not os.path.isfile(config_path):
+  config_path = files.path(path) / "config.json"
+  if not config_path.is_file():
     return False
   try:
-    with open(config_path) as f:
-      return "trainer" in json.load(f)
+    return "trainer" in files.read_json(config_path)
   except (OSError, ValueError):
     return False
 
@@ -140,7 +138,7 @@ def load_imported(path: str, mesh: jax.sharding.Mesh, format: str | None = None,
   """A pretrained checkpoint in another project's format (see `models.importers`)."""
   checkpoint = importers.read(path, format)
   model, params = importers.build(checkpoint)
-  revision = int(os.path.getmtime(path))  # Caches keyed by it see a replaced file.
+  revision = _mtime(path)  # Caches keyed by it see a replaced file.
   shapes = jax.eval_shape(lambda p: p, params)
   params_sharding = sharding.param_shardings(mesh, shapes, [(".*", "fsdp")])
   params = jax.device_put(params, params_sharding)
@@ -199,7 +197,7 @@ def _load_agriclip(config, workdir: str, mesh) -> Run:
   weights, bias, path = load_aligner(config, workdir)
   towers.params["aligner"] = jax.device_put({"W": jnp.asarray(weights),
                                              "b": jnp.asarray(bias)}, towers.replicated)
-  return Run(workdir, config, int(os.path.getmtime(path)), towers.params,
+  return Run(workdir, config, _mtime(path), towers.params,
              towers.params_sharding, towers.image_size, towers.aligned, towers.texts,
              towers.tokenizer, scale=towers.runs["clip"].logit_scale)
 
@@ -269,8 +267,12 @@ class AgriCLIPTowers:
 def load_aligner(config, workdir: str) -> tuple[np.ndarray, np.ndarray, str]:
   """(W, b, path) of the aligner this align run uses: its own or `align.aligner_workdir`'s."""
   source = config_lib.expand_path(config.align.aligner_workdir, workdir) or workdir
-  path = os.path.join(source, ALIGNER)
-  if not os.path.exists(path):
+  path = files.join(source, ALIGNER)
+  if not files.path(path).exists():
     raise config_lib.ConfigError(f"no fitted aligner at {path}")
-  with np.load(path) as saved:
+  with files.path(path).open("rb") as f, np.load(f) as saved:
     return saved["W"], saved["b"], path
+
+
+def _mtime(path: str) -> int:
+  return int(files.path(path).stat().mtime)

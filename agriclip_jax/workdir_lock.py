@@ -15,6 +15,8 @@ not only where its lock failed.
 Before locking, `create` makes the workdir and writes a probe file in it, so that a workdir
 path that is a file, or is unwritable or on a read-only mount, stops the run in one line
 naming the path and the cause, not in a traceback from the lock, Orbax or the metric writer.
+
+Object stores (a `gs://` workdir) have no locks: there the run goes on unlocked, saying so.
 """
 
 import contextlib
@@ -31,6 +33,7 @@ import jax
 import numpy as np
 
 from agriclip_jax import errors
+from agriclip_jax import files
 
 
 class WorkdirInUseError(errors.UserError, RuntimeError):
@@ -43,6 +46,15 @@ class WorkdirError(errors.UserError, RuntimeError):
 
 def create(workdir: str) -> None:
   """Creates `workdir` and checks this process can write files in it, or raises WorkdirError."""
+  if not files.is_local(workdir):
+    try:
+      files.path(workdir).mkdir(parents=True, exist_ok=True)
+      probe = files.path(workdir) / f".write_probe.{socket.gethostname()}.{os.getpid()}"
+      probe.write_text("")
+      probe.unlink()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise WorkdirError(f"cannot write to workdir {workdir}: {e}") from None
+    return
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_probe."):
@@ -97,6 +109,11 @@ def _try_lock(path: str):
 @contextlib.contextmanager
 def hold(workdir: str):
   """Holds the workdir's lock for this process, or raises WorkdirInUseError."""
+  if not files.is_local(workdir):
+    logging.warning("%s is not on a local filesystem, which has no locks: running without "
+                    "a workdir lock (make sure no other run uses it)", workdir)
+    yield
+    return
   path = lock_path(workdir, jax.process_index())
   file, holder = _try_lock(path)
   refused = file is None

@@ -11,7 +11,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 # its submodules, the longest matching name decides; "$" ends a name that covers only itself).
 # The commands are the top. A new module must be placed here.
 LAYERS = (
-    ("data", "agriclip_jax.errors", "agriclip_jax.pytree"),
+    ("data", "agriclip_jax.errors", "agriclip_jax.files", "agriclip_jax.pytree"),
     ("agriclip_jax.config_lib", "agriclip_jax.sharding", "agriclip_jax.distributed",
      "agriclip_jax.workdir_lock", "agriclip_jax.metric_writer", "agriclip_jax.optim",
      "agriclip_jax.checkpointing", "agriclip_jax.results"),

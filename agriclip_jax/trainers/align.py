@@ -13,8 +13,6 @@ With `align.aligner_workdir` set it fits nothing and evaluates that run's aligne
 pipeline's eval stage).
 """
 
-import json
-import os
 
 from absl import logging
 import jax
@@ -24,6 +22,7 @@ import numpy as np
 
 from agriclip_jax import config_lib
 from agriclip_jax import distributed
+from agriclip_jax import files
 from agriclip_jax import runs
 from agriclip_jax import sharding
 from agriclip_jax.evaluators import base as evaluators
@@ -70,19 +69,18 @@ def _features(towers, context, split_source, name, directory, batch_size, max_ex
   The cache is keyed by both runs (paths, steps), the image size and `name` (dataset, split,
   rows), so changed inputs are never served stale features."""
   name = f"{name}_{towers.key}"
-  paths = {k: os.path.join(directory, f"{name}_{k}.npy") for k in ("dino", "clip")}
+  paths = {k: files.join(directory, f"{name}_{k}.npy") for k in ("dino", "clip")}
   if all(distributed.exists_everywhere(p) for p in paths.values()):
-    return tuple(np.load(paths[k], mmap_mode="r") for k in ("dino", "clip"))
+    return tuple(files.load_array(paths[k]) for k in ("dino", "clip"))
   transform = pipeline.EvalTransform(towers.image_size)
   out = {}
   for key, encode in (("dino", towers.dino_features), ("clip", towers.clip_images)):
     out[key] = embeddings.embed_split(context, towers.params, split_source, transform,
                                       batch_size, encode, max_examples)["embedding"]
   if jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
+    files.path(directory).mkdir(parents=True, exist_ok=True)
     for key, path in paths.items():
-      np.save(path + ".tmp.npy", out[key].astype(np.float32))
-      os.replace(path + ".tmp.npy", path)
+      files.save_array(path, out[key].astype(np.float32))
   return out["dino"], out["clip"]
 
 
@@ -94,7 +92,7 @@ def fit(config, towers, context, workdir, writer):
   a = config.align
   builder = datasets.builder(config.input.dataset, config.input.data_dir or None)
   batch_size = context.batch_size
-  cache = os.path.join(workdir, "features")
+  cache = files.join(workdir, "features")
   name = builder.info.full_name.replace("/", "_")
   x, y = _features(towers, context, datasets.data_source(builder, a.fit_split),
                    f"{name}_{a.fit_split}_{a.max_examples or 'all'}", cache, batch_size,
@@ -117,8 +115,8 @@ def fit(config, towers, context, workdir, writer):
                                            bias).items():
       results[f"align/{name}_{key}"] = value
   if jax.process_index() == 0:
-    np.savez(os.path.join(workdir, runs.ALIGNER), W=weights.astype(np.float32),
-             b=bias.astype(np.float32))
+    files.save_arrays(files.join(workdir, runs.ALIGNER), W=weights.astype(np.float32),
+                      b=bias.astype(np.float32))
   writer.write(1, results)
   return weights, bias, results
 
@@ -158,14 +156,12 @@ def zero_shot(config, towers, context, evals) -> dict[str, float]:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str):
-  summary_path, key_path = (os.path.join(workdir, n) for n in (loop_lib.SUMMARY, KEY))
-  if os.path.exists(summary_path) and os.path.exists(key_path):
-    with open(key_path) as f:
-      stored_key = json.load(f)
+  summary_path, key_path = (files.path(workdir) / n for n in (loop_lib.SUMMARY, KEY))
+  if summary_path.exists() and key_path.exists():
+    stored_key = files.read_json(key_path)
     if stored_key["config"] == config_lib.fingerprint(config.to_dict()):
-      with open(summary_path) as f:
-        logging.info("%s already finished; nothing to do.", workdir)
-        return json.load(f)
+      logging.info("%s already finished; nothing to do.", workdir)
+      return files.read_json(summary_path)
     logging.info("%s: the config changed since its summary; redoing it", workdir)
   if config.align.method not in ("closed_form", "sgd"):
     raise config_lib.ConfigError(f"align.method {config.align.method!r}: expected closed_form "
@@ -196,6 +192,6 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   summary = {"step": 0, **{k: float(v) for k, v in results.items()}}
   if jax.process_index() == 0:
     loop_lib.write_summary(workdir, summary)
-    with open(key_path, "w") as f:
-      json.dump({"config": config_lib.fingerprint(config.to_dict()), "runs": towers.key}, f)
+    files.write_json(key_path, {"config": config_lib.fingerprint(config.to_dict()),
+                                "runs": towers.key}, indent=None)
   return summary

@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 
 from agriclip_jax import config_lib
+from agriclip_jax import files
 from agriclip_jax import metric_writer
 from agriclip_jax import optim
 from agriclip_jax import sharding
@@ -145,12 +146,11 @@ def save_config(config, workdir: str) -> None:
   `config.allow_config_change`; then the stored config is kept as config.<step>.json (step:
   the checkpoint it led to), so the run's history says which config made which steps.
   """
-  path = os.path.join(workdir, "config.json")
-  step = state_lib.latest_step(os.path.join(workdir, "checkpoints"))
+  path = files.path(workdir) / "config.json"
+  step = state_lib.latest_step(files.join(workdir, "checkpoints"))
   new = json.loads(config.to_json_best_effort())
-  if step is not None and os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+  if step is not None and path.exists():
+    old = files.read_json(path)
     changes = config_lib.changes(old, new, RESUME_NEUTRAL)
     # Fields the stored config lacks were added to the code since (their defaults keep the
     # old behaviour): logged, not refused, so an update does not strand running jobs.
@@ -165,16 +165,14 @@ def save_config(config, workdir: str) -> None:
           f"{'; '.join(changes)}; to resume with it anyway, add "
           "--config.allow_config_change=True (the old config is kept as "
           f"config.{step}.json)")
-    history = os.path.join(workdir, f"config.{step}.json")
+    history = files.path(workdir) / f"config.{step}.json"
     # A config that trained no checkpoint (its run stopped before one) is history to no step.
-    if changes and jax.process_index() == 0 and not os.path.exists(history):
-      os.replace(path, history)
+    if changes and jax.process_index() == 0 and not history.exists():
+      files.write_atomic(history, path.read_text())
     if changes:
       logging.warning("Resuming at step %d with a changed config: %s", step, "; ".join(changes))
   if jax.process_index() == 0:
-    with open(path + ".tmp", "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
-    os.replace(path + ".tmp", path)
+    files.write_atomic(path, config.to_json_best_effort(indent=1))
 
 
 def components(input_config) -> list[dict[str, Any]]:
@@ -216,7 +214,7 @@ def run_requirements(config, workdir: str) -> None:
   Each runs with its own config, but inherits this run's data directory, mesh and input
   threads (INHERITED_BY_REQUIRED_RUNS), so choices about where and how to run apply to it.
   """
-  if not config.requires or state_lib.latest_step(os.path.join(workdir, "checkpoints")):
+  if not config.requires or state_lib.latest_step(files.join(workdir, "checkpoints")):
     return
   from agriclip_jax import trainers  # pylint: disable=g-import-not-at-top  (cycle)
   for i, entry in enumerate(config.requires):

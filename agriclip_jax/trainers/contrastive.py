@@ -11,6 +11,7 @@ import jax
 import ml_collections
 
 from agriclip_jax import config_lib
+from agriclip_jax import files
 from agriclip_jax import sharding
 from agriclip_jax.input import pipeline
 from agriclip_jax.input import preprocess
@@ -234,9 +235,9 @@ def use_image_cache(config, setup, model, normalize, spec):
       description = image_cache.describe(config, component, builder, source, model.image,
                                          digest, batch_size)
       root = (os.path.expanduser(config.image_cache.dir)
-              or os.path.join(os.fspath(builder.data_dir), "image_cache"))
+              or files.join(builder.data_dir, "image_cache"))
       cache = image_cache.build(
-          os.path.join(root, image_cache.key_of(description)), source, description, encode,
+          files.join(root, image_cache.key_of(description)), source, description, encode,
           state["params"], setup.mesh, batch_size,
           dict(image_key=component["image_key"], image_size=config.input.image_size,
                seed=config.seed, crop_scale=tuple(config.input.crop_scale),

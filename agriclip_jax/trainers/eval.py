@@ -14,7 +14,6 @@ evaluated at every `config.wise.alphas` mix (1 - a) * base + a * run, named "<ru
 wise.json and plots/wise_<run>.png give the first table metric against a per dataset.
 """
 
-import json
 import os
 
 from absl import logging
@@ -24,6 +23,7 @@ import numpy as np
 
 from agriclip_jax import config_lib
 from agriclip_jax import distributed
+from agriclip_jax import files
 from agriclip_jax import results as results_lib
 from agriclip_jax import runs
 from agriclip_jax import sharding
@@ -105,13 +105,12 @@ class DatasetEval:
     key = config_lib.fingerprint(self.builder.info.full_name, split, max_examples,
                                  self.entry.image_key, self.entry.label_key,
                                  self.entry.text_key if with_texts else "", subset)
-    path = os.path.join(self.cache, f"{self.name}_{split}_{key}.npz")
+    path = files.join(self.cache, f"{self.name}_{split}_{key}.npz")
     if path in self._memo:
       return self._memo[path]
     if distributed.exists_everywhere(path):
-      with np.load(path) as saved:
-        self._memo[path] = dict(saved)
-        return self._memo[path]
+      self._memo[path] = files.load_arrays(path)
+      return self._memo[path]
     source = datasets.data_source(self.builder, split)
     if subset is not None:
       source = datasets.of_classes(source, self.entry.label_key, subset,
@@ -123,9 +122,8 @@ class DatasetEval:
     if with_texts:
       out.update(self._embed_texts(source, len(out["label"])))
     if jax.process_index() == 0:
-      os.makedirs(self.cache, exist_ok=True)
-      np.savez(path + ".tmp.npz", **out)
-      os.replace(path + ".tmp.npz", path)
+      files.path(self.cache).mkdir(parents=True, exist_ok=True)
+      files.save_arrays(path, **out)
     self._memo[path] = out
     return out
 
@@ -244,17 +242,17 @@ class DatasetEval:
     return out, images
 
   def _plots(self, predictions, labels, class_names, plots_dir) -> dict[str, np.ndarray]:
-    os.makedirs(plots_dir, exist_ok=True)
+    files.path(plots_dir).mkdir(parents=True, exist_ok=True)
     confusion = metrics.confusion(predictions, labels, len(class_names))
     counts = confusion.sum(1)
     accuracy = np.diag(confusion) / np.maximum(counts, 1)
     title = f"{self.name} zero-shot ({os.path.basename(self.run.workdir)})"
     return {
         f"{self.name}/confusion": results_lib.plot_confusion(
-            os.path.join(plots_dir, f"{self.name}_confusion.png"), confusion, class_names,
+            files.join(plots_dir, f"{self.name}_confusion.png"), confusion, class_names,
             title),
         f"{self.name}/per_class": results_lib.plot_per_class(
-            os.path.join(plots_dir, f"{self.name}_per_class.png"), accuracy, counts,
+            files.join(plots_dir, f"{self.name}_per_class.png"), accuracy, counts,
             class_names, title),
     }
 
@@ -303,11 +301,8 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   mesh = common.begin(config, workdir)
   writer = common.open_workdir(config, workdir)
   all_results = {} if config.force else results_lib.read(workdir)
-  keys_path = os.path.join(workdir, KEYS)
-  keys = {}
-  if os.path.exists(keys_path) and not config.force:
-    with open(keys_path) as f:
-      keys = json.load(f)
+  keys_path = files.path(workdir) / KEYS
+  keys = files.read_json(keys_path) if keys_path.exists() and not config.force else {}
   alphas = _alphas(config.wise.alphas) if config.wise.base else []
   for run_name, run in _runs(config, names, checkpoints, alphas, mesh, workdir):
     context = evaluators.Context(
@@ -320,7 +315,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
         num_threads=config.input.num_threads)
     sharding.batch_size_per_shard(mesh, context.batch_size)
     run_key = config_lib.fingerprint(*run.key)
-    cache = os.path.join(workdir, "embeddings", f"{run_name}_{run_key}")
+    cache = files.join(workdir, "embeddings", f"{run_name}_{run_key}")
     for name, entry in entries.items():
       evaluation = DatasetEval(run, context, entry, cache, name)
       wanted = wanted_metrics(config, entry, run, evaluation.has_taxonomy)
@@ -333,15 +328,14 @@ def train(config: ml_collections.ConfigDict, workdir: str):
         continue
       logging.info("Evaluating %s on %s: %s", run_name, name, sorted(wanted) or "nothing "
                    "applies (an image-only run on a dataset without a train split)")
-      plots = os.path.join(workdir, "plots", run_name) if config.plots else None
+      plots = files.join(workdir, "plots", run_name) if config.plots else None
       values, images = evaluation.compute(wanted, plots) if wanted else ({}, {})
       all_results.setdefault(run_name, {})[name] = values
       keys.setdefault(run_name, {})[name] = key
       if jax.process_index() == 0:  # Written after each dataset: nothing is lost.
         results_lib.write(workdir, all_results,
                           [m.strip() for m in config.table_metrics.split(",")])
-        with open(keys_path, "w") as f:
-          json.dump(keys, f, indent=1)
+        files.write_json(keys_path, keys)
       writer.write(run.step, {f"{run_name}/{name}/{k}": v for k, v in values.items()})
       if images:
         writer.write_images(run.step, {f"{run_name}/{k}": v[None] for k, v in images.items()})
@@ -392,10 +386,10 @@ def _write_wise(workdir: str, results, names, alphas, metric: str) -> None:
     datasets_seen = sorted({d for a in alphas for d in results.get(wise_name(run_name, a), {})})
     curves[run_name] = {d: [results.get(wise_name(run_name, a), {}).get(d, {}).get(metric)
                             for a in alphas] for d in datasets_seen}
-  with open(os.path.join(workdir, "wise.json"), "w") as f:
-    json.dump({"metric": metric, "alphas": alphas, "curves": curves}, f, indent=1)
-  os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+  files.write_json(files.path(workdir) / "wise.json",
+                   {"metric": metric, "alphas": alphas, "curves": curves})
+  (files.path(workdir) / "plots").mkdir(parents=True, exist_ok=True)
   for run_name, per_dataset in curves.items():
-    results_lib.plot_curves(os.path.join(workdir, "plots", f"wise_{run_name}.png"), alphas,
+    results_lib.plot_curves(files.join(workdir, "plots", f"wise_{run_name}.png"), alphas,
                             per_dataset, "alpha (0 = base, 1 = fine-tuned)", metric,
                             f"WiSE-FT: {run_name}")

@@ -26,7 +26,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import time
 from typing import Any, Callable
 
@@ -38,6 +37,7 @@ import ml_collections
 import numpy as np
 
 from agriclip_jax import config_lib
+from agriclip_jax import files
 from agriclip_jax import optim
 from agriclip_jax import sharding
 from agriclip_jax.input import pipeline
@@ -138,8 +138,7 @@ class Cache:
   i, read from memory-mapped shard files (opened on first use in each process)."""
 
   def __init__(self, directory: str):
-    with open(os.path.join(directory, META)) as f:
-      meta = json.load(f)
+    meta = files.read_json(files.path(directory) / META)
     self.directory, self.meta = directory, meta
     self.num_examples, self.shard_size = meta["num_examples"], meta["shard_size"]
     self._maps = collections.OrderedDict()
@@ -154,7 +153,7 @@ class Cache:
     else:  # Each map holds a file open: keep the most recently read ones only.
       if len(self._maps) >= MAX_OPEN_SHARDS:
         self._maps.popitem(last=False)
-      self._maps[shard] = tuple(np.load(path, mmap_mode="r") for path in
+      self._maps[shard] = tuple(files.load_array(path) for path in
                                 shard_paths(self.directory, shard))
     features, valid = self._maps[shard]
     return features[row], valid[row]
@@ -167,23 +166,14 @@ class Cache:
 
 
 def shard_paths(directory: str, shard: int) -> tuple[str, str]:
-  return (os.path.join(directory, f"features-{shard:05d}.npy"),
-          os.path.join(directory, f"valid-{shard:05d}.npy"))
-
-
-def _save_atomically(path: str, array: np.ndarray) -> None:
-  """Written in full and on disk before it takes its name (a host crash leaves no stub)."""
-  with open(path + ".tmp", "wb") as f:
-    np.save(f, array)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(path + ".tmp", path)
+  return (files.join(directory, f"features-{shard:05d}.npy"),
+          files.join(directory, f"valid-{shard:05d}.npy"))
 
 
 def _complete(directory: str, shard: int, rows: int, views: int) -> bool:
   """Whether a shard's files exist and hold `rows` examples of `views` views."""
   try:
-    features, valid = (np.load(p, mmap_mode="r") for p in shard_paths(directory, shard))
+    features, valid = (files.load_array(p) for p in shard_paths(directory, shard))
     return features.shape[:2] == (rows, views) and valid.shape == (rows, views)
   except (OSError, ValueError):
     return False
@@ -197,7 +187,7 @@ def _agreed(value: np.ndarray) -> np.ndarray:
 
 
 def _open(directory: str) -> Cache:
-  if not os.path.exists(os.path.join(directory, META)):
+  if not (files.path(directory) / META).exists():
     raise config_lib.ConfigError(
         f"image cache {directory} is finished on process 0 but not visible on process "
         f"{jax.process_index()}: config.image_cache.dir must be a directory all processes "
@@ -277,13 +267,13 @@ def build(directory: str, source, description: dict[str, Any], encode: Callable,
   `encode(params, images)` -> [batch, width] features of a global batch (jitted by the
   caller, output replicated); `transform_args` are `_ViewTransform`'s fields but `view`.
   """
-  if _agreed(np.bool_(os.path.exists(os.path.join(directory, META)))):
+  if _agreed(np.bool_((files.path(directory) / META).exists())):
     logging.info("Image cache: reusing %s", directory)
     return _open(directory)
   num_examples, views = description["num_examples"], description["views"]
   shard_size = description["shard_size"]
   num_shards = math.ceil(num_examples / shard_size)
-  os.makedirs(directory, exist_ok=True)
+  files.path(directory).mkdir(parents=True, exist_ok=True)
   span = lambda i: (i * shard_size, min((i + 1) * shard_size, num_examples))
   # Process 0's listing, before anything is written, decides what every process embeds.
   done = _agreed(np.array([_complete(directory, i, span(i)[1] - span(i)[0], max(views, 1))
@@ -312,8 +302,8 @@ def build(directory: str, source, description: dict[str, Any], encode: Callable,
     valid = np.stack(valid, axis=1)
     if jax.process_index() == 0:
       features_path, valid_path = shard_paths(directory, shard)
-      _save_atomically(valid_path, valid)
-      _save_atomically(features_path, features)  # Last: its presence marks the shard done.
+      files.save_array(valid_path, valid)
+      files.save_array(features_path, features)  # Last: its presence marks the shard done.
     embedded += (hi - lo) * max(views, 1)
     rate = embedded / (time.time() - start)
     remaining = sum(span(i)[1] - span(i)[0] for i in todo[n + 1:]) * max(views, 1)
@@ -322,13 +312,12 @@ def build(directory: str, source, description: dict[str, Any], encode: Callable,
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("image_cache_shards_written")
   if jax.process_index() == 0:
-    valid = [np.load(shard_paths(directory, i)[1]) for i in range(num_shards)]
+    valid = [np.asarray(files.load_array(shard_paths(directory, i)[1]))
+             for i in range(num_shards)]
     invalid = int(sum((~v.all(axis=1)).sum() for v in valid))
     meta = dict(description, undecodable=invalid, build_seconds=time.time() - start,
-                width=int(np.load(shard_paths(directory, 0)[0], mmap_mode="r").shape[-1]))
-    with open(os.path.join(directory, META + ".tmp"), "w") as f:
-      json.dump(meta, f, indent=1)
-    os.replace(os.path.join(directory, META + ".tmp"), os.path.join(directory, META))
+                width=int(files.load_array(shard_paths(directory, 0)[0]).shape[-1]))
+    files.write_json(files.path(directory) / META, meta)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("image_cache_finished")
   cache = _open(directory)

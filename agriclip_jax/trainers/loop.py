@@ -22,8 +22,6 @@
 
 import dataclasses
 import functools
-import json
-import os
 import signal
 import time
 from typing import Any, Callable, Iterator
@@ -38,6 +36,7 @@ import numpy as np
 from agriclip_jax import checkpointing
 from agriclip_jax import config_lib
 from agriclip_jax import errors
+from agriclip_jax import files
 from agriclip_jax import metric_writer
 from agriclip_jax import optim
 from agriclip_jax import sharding
@@ -61,12 +60,11 @@ class Preempted(RuntimeError):
 
 def finished_summary(workdir: str, total_steps: int) -> dict[str, Any] | None:
   """The summary of a run in `workdir` that already reached `total_steps`, else None."""
-  path = os.path.join(workdir, SUMMARY)
-  if not os.path.exists(path):
+  path = files.path(workdir) / SUMMARY
+  if not path.exists():
     return None
-  with open(path) as f:
-    summary = json.load(f)
-  checkpoints = os.path.join(workdir, "checkpoints")
+  summary = files.read_json(path)
+  checkpoints = files.join(workdir, "checkpoints")
   if summary.get("step") == total_steps and state_lib.latest_step(checkpoints) == total_steps:
     return summary
   return None
@@ -74,10 +72,7 @@ def finished_summary(workdir: str, total_steps: int) -> dict[str, Any] | None:
 
 def write_summary(workdir: str, summary: dict[str, Any]) -> None:
   """summary.json, written atomically (a reader never sees half of it)."""
-  tmp = os.path.join(workdir, SUMMARY + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(summary, f, indent=1)
-  os.replace(tmp, os.path.join(workdir, SUMMARY))
+  files.write_json(files.path(workdir) / SUMMARY, summary)
 
 
 def _is_float(leaf) -> bool:
@@ -171,7 +166,7 @@ class Loop:
   def run(self) -> dict[str, Any]:
     config, total = self.config, self.config.total_steps
     checkpoints = checkpointing.Checkpoints(
-        os.path.join(self.workdir, "checkpoints"), config.keep_checkpoints)
+        files.join(self.workdir, "checkpoints"), config.keep_checkpoints)
     state = self._restore_or_init(checkpoints)
     step = int(state["step"])
     self.writer.drop_after(step)

@@ -5,8 +5,6 @@ parameters (see `optim.split`). `rng` holds raw uint32 key data so checkpoints s
 """
 
 import dataclasses
-import json
-import os
 from typing import Any, Callable
 
 from absl import logging
@@ -17,6 +15,7 @@ import orbax.checkpoint as ocp
 
 from agriclip_jax import checkpointing
 from agriclip_jax import config_lib
+from agriclip_jax import files
 from agriclip_jax import optim
 from agriclip_jax import sharding
 from agriclip_jax.models import importers
@@ -79,13 +78,19 @@ def latest_step(directory: str) -> int | None:
   This is the question "which checkpoint can be read" for every reader; only a training run,
   while it saves, asks its Orbax manager (`checkpointing.Checkpoints.latest_step`), which also
   knows of a save still being written."""
-  if not os.path.isdir(directory):
-    return None
-  steps = [int(d) for d in os.listdir(directory)
-           if d.isdigit() and os.path.isdir(os.path.join(directory, d, "state"))]
-  return next((step for step in sorted(steps, reverse=True)
-               if checkpointing.damage(os.path.join(directory, str(step)),
+  return next((step for step in _steps(directory, with_state=True)
+               if checkpointing.damage(files.join(directory, str(step)),
                                        checksums=False) is None), None)
+
+
+def _steps(directory: str, with_state: bool) -> list[int]:
+  """The step directories in `directory`, newest first (those holding a state only, if
+  `with_state`); none where `directory` is missing."""
+  directory = files.path(directory)
+  if not directory.is_dir():
+    return []
+  return sorted((int(d.name) for d in directory.iterdir() if d.name.isdigit()
+                 and (not with_state or (d / "state").is_dir())), reverse=True)
 
 
 def load_params(init_config, state, spec: StateSpec, workdir: str):
@@ -171,12 +176,11 @@ def load_pretrained(init_config, state, spec: StateSpec, model_config=None):
 
 def run_config(workdir: str):
   """The config another run saved as `config.json` in its workdir."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = files.path(workdir) / "config.json"
+  if not path.exists():
     raise config_lib.ConfigError(f"{workdir} holds no config.json: is it a training run's "
                                  "workdir?")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(files.read_json(path))
 
 
 def restore(path: str, item):
@@ -191,22 +195,21 @@ def _latest_state(workdir: str, step: int | None = None,
                   where: str = "") -> tuple[str, int]:
   """(state path, step) of the run's latest intact checkpoint, or of checkpoint `step`;
   `where` prefixes the error (the config field that named the run)."""
-  directory = os.path.join(config_lib.absolute(workdir), "checkpoints")
+  directory = files.join(config_lib.absolute(workdir), "checkpoints")
   if step is not None:
-    path = os.path.join(directory, str(step))
-    if not os.path.isdir(os.path.join(path, "state")):
-      kept = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(
-          directory) else []
+    path = files.join(directory, str(step))
+    if not (files.path(path) / "state").is_dir():
+      kept = sorted(_steps(directory, with_state=False))
       raise config_lib.ConfigError(f"{workdir} has no checkpoint at step {step} (it keeps "
                                    f"{kept or 'none'})")
     problem = checkpointing.damage(path)
     if problem:
       raise config_lib.ConfigError(f"checkpoint {path} is damaged ({problem})")
-    return os.path.join(path, "state"), step
+    return files.join(path, "state"), step
   step = latest_step(directory)
   if step is None:
     raise config_lib.ConfigError(f"{where}{workdir} has no checkpoint")
-  return os.path.join(directory, str(step), "state"), step
+  return files.join(directory, str(step), "state"), step
 
 
 def checkpoint_shapes(workdir: str, entry: str, step: int | None = None):
