@@ -12,6 +12,7 @@ stores, and these helpers hide both:
 import io
 import json
 import os
+import socket
 from typing import Any
 
 from etils import epath
@@ -39,7 +40,8 @@ def write_atomic(p, data: str | bytes) -> None:
     with p.open(mode) as f:
       f.write(data)
     return
-  tmp = p.with_name(p.name + ".tmp")
+  # Named for its writer: processes writing the same file at once never share a half file.
+  tmp = p.with_name(f"{p.name}.tmp.{socket.gethostname()}.{os.getpid()}")
   with open(tmp, mode) as f:
     f.write(data)
     f.flush()

@@ -21,6 +21,7 @@ import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from agriclip_jax import config_lib
+from agriclip_jax import files
 from agriclip_jax.input import pipeline
 
 PAD, EOT, SOT = "<pad>", "<eot>", "<sot>"
@@ -66,27 +67,26 @@ class Tokenizer:
   def save(self, directory: str) -> None:
     """tokenizer.json (or SigLIP's spiece.model) + tokenizer_layout.json in `directory` (what
     `load` reads back)."""
-    os.makedirs(directory, exist_ok=True)
+    files.path(directory).mkdir(parents=True, exist_ok=True)
     layout = {"max_len": self.max_len, "eot_id": self.eot_id, "sot_id": self.sot_id,
               "pad_id": self.pad_id}
     if isinstance(self.tokenizer, SiglipSentencePiece):
       layout["siglip_sentencepiece"] = self.tokenizer.save(directory)
     else:
-      self.tokenizer.save(os.path.join(directory, "tokenizer.json"))
-    with open(os.path.join(directory, "tokenizer_layout.json"), "w") as f:
-      json.dump(layout, f)
+      files.write_atomic(files.join(directory, "tokenizer.json"), self.tokenizer.to_str())
+    files.write_json(files.join(directory, "tokenizer_layout.json"), layout, indent=None)
 
 
 def load(directory: str) -> Tokenizer:
   """The tokenizer a run saved with `Tokenizer.save` (files saved before `pad_id` existed pad
   with 0, as they did then)."""
-  with open(os.path.join(directory, "tokenizer_layout.json")) as f:
-    layout = json.load(f)
+  layout = files.read_json(files.join(directory, "tokenizer_layout.json"))
   siglip = layout.pop("siglip_sentencepiece", None)
   if siglip is not None:
     tok = SiglipSentencePiece.load(directory, **siglip)
   else:
-    tok = tokenizers.Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+    tok = tokenizers.Tokenizer.from_str(
+        files.path(directory).joinpath("tokenizer.json").read_text())
   return Tokenizer(tok, **layout)
 
 
@@ -285,14 +285,12 @@ class SiglipSentencePiece:
 
   def save(self, directory: str) -> dict:
     """Writes spiece.model; returns the rest of the settings, for `load`."""
-    with open(os.path.join(directory, "spiece.model"), "wb") as f:
-      f.write(self.model)
+    files.write_atomic(files.join(directory, "spiece.model"), self.model)
     return dict(special=self.special, lower_case=self.lower_case, unk_token=self.unk_token)
 
   @classmethod
   def load(cls, directory: str, **settings) -> "SiglipSentencePiece":
-    with open(os.path.join(directory, "spiece.model"), "rb") as f:
-      return cls(f.read(), **settings)
+    return cls(files.path(directory).joinpath("spiece.model").read_bytes(), **settings)
 
 
 def trained_on_captions(sources, path: str, vocab_size: int, max_len: int,
@@ -301,16 +299,14 @@ def trained_on_captions(sources, path: str, vocab_size: int, max_len: int,
 
   Up to `max_examples` examples in all are read, spread evenly over each source.
   """
-  if not os.path.exists(path):
+  if not files.path(path).exists():
     per_source = max(1, max_examples // len(sources))
     logging.info("Training a %d-token BPE on up to %d examples' texts -> %s", vocab_size,
                  per_source * len(sources), path)
     texts = (text for source, key in sources for text in _texts(source, per_source, key))
-    tok = train_bpe(texts, vocab_size)
-    tmp = f"{path}.tmp{os.getpid()}"
-    tok.save(tmp)
-    os.replace(tmp, path)  # Atomic: concurrent processes never read half a file.
-  return from_trained(tokenizers.Tokenizer.from_file(path), max_len)
+    # Atomic: concurrent processes never read half a file.
+    files.write_atomic(path, train_bpe(texts, vocab_size).to_str())
+  return from_trained(tokenizers.Tokenizer.from_str(files.path(path).read_text()), max_len)
 
 
 def _texts(source, n: int, text_key: str):

@@ -256,7 +256,7 @@ def make_tokenizer(config, sources) -> tokenizer_lib.Tokenizer:
   digest = hashlib.sha1(key.encode()).hexdigest()[:10]
   return tokenizer_lib.trained_on_captions(
       [(source, c["text_key"]) for _, source, c in sources],
-      os.path.join(os.fspath(sources[0][0].data_dir), f"tokenizer_bpe_{digest}.json"),
+      files.join(sources[0][0].data_dir, f"tokenizer_bpe_{digest}.json"),
       config.tokenizer.vocab_size, config.tokenizer.max_len, config.tokenizer.max_examples)
 
 
