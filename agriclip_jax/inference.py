@@ -7,6 +7,7 @@ import jax
 import numpy as np
 
 from agriclip_jax import config_lib
+from agriclip_jax import files
 from agriclip_jax import runs
 from agriclip_jax import sharding
 from agriclip_jax.evaluators import base as evaluators
@@ -22,26 +23,25 @@ def find_images(paths: list[str]) -> list[str]:
   """Files given, and image files under directories given (sorted), in argument order."""
   out = []
   for path in paths:
-    if os.path.isdir(path):
-      for root, dirs, files in os.walk(path):
+    if files.path(path).is_dir():
+      for root, dirs, names in files.path(path).walk():
         dirs.sort()
-        out += [os.path.join(root, f) for f in sorted(files)
+        out += [os.fspath(root / f) for f in sorted(names)
                 if builder_utils.is_image(f) and not f.startswith(".")]
     else:
       out.append(path)
   return out
 
 
-def decode_images(files: list[str], size: int):
+def decode_images(paths: list[str], size: int):
   """(uint8 arrays, their files, [(file, reason)] for files that could not be read).
 
   Photos are turned upright by their EXIF orientation, as the dataset builders do.
   """
   arrays, kept, skipped = [], [], []
-  for path in files:
+  for path in paths:
     try:
-      with open(path, "rb") as f:
-        arrays.append(preprocess.eval_image(f.read(), size, upright=True))
+      arrays.append(preprocess.eval_image(files.path(path).read_bytes(), size, upright=True))
       kept.append(path)
     except (OSError, preprocess.CorruptImageError) as e:
       skipped.append((path, str(e)))
@@ -58,7 +58,7 @@ class Model:
   def load(cls, checkpoint: str, batch_size: int = 64, format: str | None = None,  # pylint: disable=redefined-builtin
            tokenizer: str | None = None) -> "Model":
     """A run's workdir or an imported checkpoint (see `runs.load`)."""
-    if not os.path.exists(checkpoint):
+    if not files.path(checkpoint).exists():
       raise config_lib.ConfigError(f"--checkpoint {checkpoint} does not exist")
     mesh = sharding.make_mesh([("data", -1), ("fsdp", 1)], jax.local_devices())
     run = runs.load(checkpoint, mesh, format, tokenizer)

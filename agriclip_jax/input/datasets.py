@@ -18,6 +18,7 @@ from absl import logging
 import tensorflow_datasets as tfds
 
 from agriclip_jax import errors
+from agriclip_jax import files
 
 
 class DatasetError(errors.UserError, RuntimeError):
@@ -41,6 +42,12 @@ def _register(name: str) -> None:
 
 @contextlib.contextmanager
 def file_lock(path: str):
+  """An exclusive flock on `path`; none on object stores (gs://), which have no locks."""
+  if not files.is_local(path):
+    logging.warning("%s: no lock on an object store; build datasets there from one process",
+                    path)
+    yield
+    return
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
@@ -84,7 +91,7 @@ def builder(name: str, data_dir: str | None = None, prepare: bool = True,
         f"raw files with: python -m agriclip_jax.input.prepare {name} --manual_dir=RAW_DIR "
         f"--data_dir={data_dir} (or: tfds build data/{name.split('/')[0].split(':')[0]} "
         f"--manual_dir=RAW_DIR --data_dir={data_dir})")
-  with file_lock(os.path.join(data_dir, f".{b.name}.lock")):
+  with file_lock(files.join(data_dir, f".{b.name}.lock")):
     b = tfds.builder(name, data_dir=data_dir)  # Another process may have built it meanwhile.
     if not b.is_prepared():
       logging.info("Building dataset %s into %s (once) ...", name, data_dir)
