@@ -25,7 +25,12 @@ pretrained DINO tower aligned instead of one trained here (facebookresearch/dino
   python launch.py --config configs/agriclip.py:stage=eval,clip_init=/data/clip-vit-base-patch16,dino=/data/dino_resnet50_pretrain.pth \\
       --workdir R/eval
 
-Options: stage=clip|dino|align|eval (default eval), demo, tasks=<agri_downstream tasks the
+The demo on classes that differ in fine structure only (`agri_synthetic/fine`: marking shape
+and density, outline; one colour distribution per subject), every stage on that dataset:
+
+  python launch.py --config configs/agriclip.py:demo,dataset=agri_synthetic/fine --workdir R/eval
+
+Options: stage=clip|dino|align|eval (default eval), demo, dataset=<the demo's dataset>, tasks=<agri_downstream tasks the
 eval stage scores, joined by +; default all of the registry>, clip_init=<CLIP checkpoint the
 clip stage fine-tunes>, dino=<pretrained image checkpoint the align stage uses instead of the
 dino stage> (paths without commas).
@@ -41,8 +46,17 @@ STAGES = ("clip", "dino", "align", "eval")
 
 
 def get_config(arg=None):
-  options = config_lib.parse_arg(arg, stage="eval", demo=False, tasks="", clip_init="",
-                                 dino="")
+  options = config_lib.parse_arg(arg, stage="eval", demo=False, dataset="", tasks="",
+                                 clip_init="", dino="")
+  if options.dataset and not options.demo:
+    raise config_lib.ConfigError("dataset= chooses the demo's dataset: add demo")
+  config = _stage(options)
+  if options.dataset:
+    config.input.dataset = options.dataset
+  return config
+
+
+def _stage(options):
   if options.stage not in STAGES:
     raise config_lib.ConfigError(f"stage={options.stage!r}; expected one of {STAGES}")
   demo = "demo" if options.demo else None
@@ -53,7 +67,7 @@ def get_config(arg=None):
     return alive_dino.get_config(demo)
   config = align.default_config()
   this = "configs/agriclip.py:stage={}" + "".join(
-      f",{k}={options[k]}" for k in ("clip_init", "dino") if options[k])
+      f",{k}={options[k]}" for k in ("clip_init", "dino", "dataset") if options[k])
   this += ",demo" if options.demo else ""
   if options.stage == "align":
     config.requires = [dict(workdir="{workdir}/../clip", config=this.format("clip"))]
