@@ -127,7 +127,7 @@ def write_manifest(step_dir: str) -> None:
   listed = {}
   for name in _files(step_dir):
     path = files.path(step_dir) / name
-    listed[name] = [path.stat().length, _crc32(path)]
+    listed[name] = [files.size(path), _crc32(path)]
   files.write_json(files.path(step_dir) / MANIFEST, {"files": listed}, indent=None)
 
 
@@ -151,8 +151,8 @@ def damage(step_dir: str, checksums: bool = True) -> str | None:
     file = files.path(step_dir) / name
     if not file.is_file():
       return f"{name} is missing"
-    if file.stat().length != size:
-      return f"{name} has {file.stat().length} bytes, {size} written"
+    if files.size(file) != size:
+      return f"{name} has {files.size(file)} bytes, {size} written"
     if checksums and _crc32(file) != crc:
       return f"{name} differs from what was written (CRC32)"
   return None

@@ -20,6 +20,7 @@ import json
 import os
 import sys
 
+from agriclip_jax import files
 from agriclip_jax import predict
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
   from agriclip_jax.models.exporters import common, native  # pylint: disable=g-import-not-at-top
   status = 0
   try:
-    if not os.path.exists(args.workdir):
+    if not files.path(args.workdir).exists():
       raise config_lib.ConfigError(f"--workdir {args.workdir} does not exist")
     if os.path.exists(args.out) and os.listdir(args.out):
       raise config_lib.ConfigError(f"--out {args.out} exists and is not empty")

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import socket
+import time
 from typing import Any
 
 from etils import epath
@@ -32,6 +33,17 @@ def join(p, *names) -> str:
   return os.fspath(path(p).joinpath(*names))
 
 
+def size(p) -> int:
+  """Bytes in file `p` (locally os's answer: epath's stat also looks up the owner's name,
+  which fails for a uid the host does not know, as in containers)."""
+  return os.path.getsize(p) if is_local(p) else path(p).stat().length
+
+
+def mtime(p) -> float:
+  """When file `p` was last modified (seconds since the epoch; see `size`)."""
+  return os.path.getmtime(p) if is_local(p) else path(p).stat().mtime
+
+
 def write_atomic(p, data: str | bytes) -> None:
   """Writes `data` so that a reader never sees part of it (see the module docstring)."""
   p = path(p)
@@ -42,7 +54,7 @@ def write_atomic(p, data: str | bytes) -> None:
     return
   # Named for its writer: processes writing the same file at once never share a half file.
   tmp = p.with_name(f"{p.name}.tmp.{socket.gethostname()}.{os.getpid()}")
-  with open(tmp, mode) as f:
+  with open(tmp, mode, encoding=None if isinstance(data, bytes) else "utf-8") as f:
     f.write(data)
     f.flush()
     os.fsync(f.fileno())  # On disk before it takes its name: a host crash leaves no stub.
@@ -89,13 +101,15 @@ def load_array(p) -> np.ndarray:
 
 class LineLog:
   """A text file that grows a line at a time (metrics.jsonl): appended to where the
-  filesystem can append, rewritten whole at each flush where it cannot (object stores)."""
+  filesystem can append; where it cannot (object stores), rewritten whole at a flush at most
+  every `remote_flush_seconds` (an object takes about one update a second) and at close."""
 
-  def __init__(self, p):
+  def __init__(self, p, remote_flush_seconds: float = 30.0):
     self.path = path(p)
     self._local = is_local(self.path)
+    self._every, self._flushed = remote_flush_seconds, -float("inf")
     if self._local:
-      self._file = self.path.open("a")
+      self._file = self.path.open("a", encoding="utf-8")
     else:
       self._lines = self.path.read_text().splitlines(True) if self.path.exists() else []
 
@@ -105,15 +119,16 @@ class LineLog:
     else:
       self._lines.append(line)
 
-  def flush(self) -> None:
+  def flush(self, force: bool = False) -> None:
     if self._local:
       self._file.flush()
-    else:
+    elif force or time.monotonic() - self._flushed >= self._every:
       self.path.write_text("".join(self._lines))
+      self._flushed = time.monotonic()
 
   def lines(self) -> list[str]:
-    """What the file holds now (flushed first)."""
-    self.flush()
+    """What the file holds now, with every line written so far."""
+    self.flush(force=True)
     return self.path.read_text().splitlines(True) if self.path.exists() else []
 
   def replace_lines(self, lines: list[str]) -> None:
@@ -121,12 +136,12 @@ class LineLog:
     if self._local:
       self._file.close()
       write_atomic(self.path, "".join(lines))
-      self._file = self.path.open("a")
+      self._file = self.path.open("a", encoding="utf-8")
     else:
       self._lines = list(lines)
-      self.flush()
+      self.flush(force=True)
 
   def close(self) -> None:
-    self.flush()
+    self.flush(force=True)
     if self._local:
       self._file.close()

@@ -23,10 +23,11 @@ def find_images(paths: list[str]) -> list[str]:
   """Files given, and image files under directories given (sorted), in argument order."""
   out = []
   for path in paths:
-    if files.path(path).is_dir():
-      for root, dirs, names in files.path(path).walk():
+    if files.path(path).is_dir():  # Local paths are listed as given (./photos/a.jpg).
+      walk = os.walk(path) if files.is_local(path) else files.path(path).walk()
+      for root, dirs, names in walk:
         dirs.sort()
-        out += [os.fspath(root / f) for f in sorted(names)
+        out += [os.path.join(root, f) for f in sorted(names)
                 if builder_utils.is_image(f) and not f.startswith(".")]
     else:
       out.append(path)

@@ -275,4 +275,4 @@ def load_aligner(config, workdir: str) -> tuple[np.ndarray, np.ndarray, str]:
 
 
 def _mtime(path: str) -> int:
-  return int(files.path(path).stat().mtime)
+  return int(files.mtime(path))

@@ -6,6 +6,7 @@ a local `gs:` directory or fail, and the mapped directory would not hold the fil
 tests cannot reach is Orbax's TensorStore array I/O, which has its own GCS driver.
 """
 
+import builtins
 import json
 import os
 
@@ -19,7 +20,9 @@ from agriclip_jax import checkpointing
 from agriclip_jax import files
 from agriclip_jax import metric_writer
 from agriclip_jax import results as results_lib
+from agriclip_jax import runs
 from agriclip_jax import workdir_lock
+from agriclip_jax.input import tokenizer as tokenizer_lib
 from agriclip_jax.trainers import common
 from agriclip_jax.trainers import loop
 from agriclip_jax.trainers import state as state_lib
@@ -60,11 +63,23 @@ def bucket(tmp_path, monkeypatch):
 
   # epath prefers TensorFlow's gs:// support whenever TensorFlow is installed, past its mock.
   monkeypatch.setattr(epath.gpath, "_is_tf_installed", lambda: False)
+  # Reads that bypass epath fail loudly instead of quietly seeing nothing.
+  for module, name in ((builtins, "open"), (os.path, "exists"), (os.path, "isfile"),
+                       (os.path, "isdir"), (os, "listdir"), (os, "makedirs")):
+    monkeypatch.setattr(module, name, _refusing_urls(getattr(module, name)))
   ops = ("copy", "exists", "isdir", "listdir", "makedirs", "mkdir", "open", "remove",
          "rename", "replace", "rmtree", "stat")
   with epath.testing.mock_epath(walk=walk, glob=glob, **{op: mapped for op in ops}):
     yield local, calls
   assert not (work / "gs:").exists(), "something wrote gs:// paths to the local disk"
+
+
+def _refusing_urls(fn):
+  def refusing(p, *args, **kwargs):
+    if isinstance(p, str) and p.startswith(BUCKET):
+      raise AssertionError(f"{fn.__name__}({p!r}) bypassed epath")
+    return fn(p, *args, **kwargs)
+  return refusing
 
 
 def test_atomic_writes_leave_no_temporary_file_and_read_back(tmp_path):
@@ -163,4 +178,23 @@ def test_a_runs_files_in_a_bucket_land_in_the_bucket(bucket, monkeypatch):
   assert sorted(p.name for p in (local / "run").iterdir()) == [
       "cache", "checkpoints", "config.4.json", "config.json", "metrics.jsonl", "results.csv",
       "results.json", "results.md", "summary.json"]
-  assert all(c.startswith(BUCKET) for c in calls) and len(calls) > 20
+  assert len(calls) > 20  # The mock served them.
+
+
+def test_a_runs_tokenizer_and_aligner_in_a_bucket_read_back(bucket):
+  local, _ = bucket
+  workdir = f"{BUCKET}/run"
+  files.path(workdir).mkdir(parents=True, exist_ok=True)
+  bpe = tokenizer_lib.train_bpe(["a green spotted leaf", "a red striped fish"] * 20, 300)
+  tokenizer = tokenizer_lib.from_trained(bpe, max_len=8)
+  tokenizer.save(workdir)
+  assert (local / "run" / "tokenizer.json").exists()
+  again = tokenizer_lib.load(workdir)
+  texts = ["a green leaf", "a striped fish"]
+  assert np.array_equal(again.encode(texts), tokenizer.encode(texts))
+  weights, bias = np.eye(3, dtype=np.float32), np.arange(3, dtype=np.float32)
+  files.save_arrays(files.join(workdir, runs.ALIGNER), W=weights, b=bias)
+  config = ml_collections.ConfigDict({"align": {"aligner_workdir": ""}})
+  w, b, path = runs.load_aligner(config, workdir)
+  assert path == f"{workdir}/{runs.ALIGNER}"
+  assert np.array_equal(w, weights) and np.array_equal(b, bias)

@@ -26,6 +26,8 @@ from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-positio
 from absl import flags
 from absl import logging
 
+from agriclip_jax import files  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 FLAGS = flags.FLAGS
 
 
@@ -72,15 +74,11 @@ def prepare(name: str, manual_dir: str, data_dir: str | None = None,
             tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
     if force and builder.is_prepared():
       mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
-    with datasets.file_lock(os.path.join(data_dir, f".{builder.name}.lock")):
+    with datasets.file_lock(files.join(data_dir, f".{builder.name}.lock")):
       builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
           manual_dir=manual_dir, download_mode=mode))
-  report_path = os.path.join(builder.data_dir, "build_report.json")
-  report = None
-  if os.path.exists(report_path):
-    with open(report_path) as f:
-      report = json.load(f)
-  return builder, report
+  report_path = files.path(builder.data_dir) / "build_report.json"
+  return builder, files.read_json(report_path) if report_path.exists() else None
 
 
 def main(argv):

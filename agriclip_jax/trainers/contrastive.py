@@ -189,8 +189,8 @@ def setup_with_text(config, workdir: str):
   """(Setup, tokenizer, two-tower model) of an image-text run; the tokenizer is saved in the
   workdir, where later stages (alignment, prediction) find it."""
   setup = common.Setup.create(config, workdir, feature_keys=("image_key", "text_key"))
-  if (os.path.exists(os.path.join(workdir, "tokenizer_layout.json"))
-      and state_lib.latest_step(os.path.join(workdir, "checkpoints")) is not None):
+  if ((files.path(workdir) / "tokenizer_layout.json").exists()
+      and state_lib.latest_step(files.join(workdir, "checkpoints")) is not None):
     tokenizer = tokenizer_lib.load(workdir)  # A resumed run keeps the ids it trained with.
   else:
     tokenizer = common.make_tokenizer(config, setup.sources)
