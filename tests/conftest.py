@@ -37,11 +37,22 @@ def data_dir(tmp_path_factory) -> str:
 _XLA_CACHE = {}
 
 
+def _run_root(tmp_path_factory) -> pathlib.Path:
+  """The temporary directory of the whole test run, shared by its workers."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # A worker's parent.
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _xla_cache_dir(tmp_path_factory):
-  base = tmp_path_factory.getbasetemp()
-  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # A worker's parent.
-  _XLA_CACHE["dir"] = str(root / "xla-cache")
+  _XLA_CACHE["dir"] = str(_run_root(tmp_path_factory) / "xla-cache")
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir(tmp_path_factory) -> str:
+  """The TFDS data dir of the README demos, shared by the workers that run them: the first
+  demo builds `agri_synthetic` and the others wait for it (the build holds a file lock)."""
+  return str(_run_root(tmp_path_factory) / "demo-tfds")
 
 
 def _xla_cache_env() -> dict[str, str]:
@@ -76,12 +87,11 @@ def launch(workdir, config="tests/tiny_config.py:kind=clip", *overrides, data_di
                         timeout=timeout, preexec_fn=preexec_fn)
 
 
-def run_demo(root, name: str, config: str):
+def run_demo(root, name: str, config: str, data_dir: str):
   """Runs a README demo as shipped, with a workdir relative to the repository root as in the
   README's commands; returns (summary, CompletedProcess)."""
   import json  # pylint: disable=g-import-not-at-top
-  result = launch(os.path.relpath(root / name, REPO), config, data_dir=str(root / "tfds"),
-                  timeout=1500)
+  result = launch(os.path.relpath(root / name, REPO), config, data_dir=data_dir, timeout=1500)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(root, name, "summary.json")) as f:
     return json.load(f), result

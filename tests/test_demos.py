@@ -17,12 +17,13 @@ def root(tmp_path_factory):
   return tmp_path_factory.mktemp("demos")
 
 
-def test_clip_demo_zero_shot_on_held_out_classes_is_at_least_5x_chance(root):
-  check_held_out_zero_shot(*run_demo(root, "clip", "configs/alive_clip.py:demo"))
+def test_clip_demo_zero_shot_on_held_out_classes_is_at_least_5x_chance(root, demo_data_dir):
+  check_held_out_zero_shot(*run_demo(root, "clip", "configs/alive_clip.py:demo",
+                                     demo_data_dir))
 
 
-def test_agriclip_pipeline_demo_aligned_dino_beats_chance(root):
-  summary, _ = run_demo(root, "eval", "configs/agriclip.py:demo")
+def test_agriclip_pipeline_demo_aligned_dino_beats_chance(root, demo_data_dir):
+  summary, _ = run_demo(root, "eval", "configs/agriclip.py:demo", demo_data_dir)
   for stage in ("clip", "dino", "align"):  # Every stage ran (clip already, by the test above).
     assert (root / stage / "summary.json").exists(), stage
   with open(root / "dino" / "summary.json") as f:
