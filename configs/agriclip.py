@@ -28,7 +28,10 @@ pretrained DINO tower aligned instead of one trained here (facebookresearch/dino
 The demo on classes that differ in fine structure only (`agri_synthetic/fine`: marking shape
 and density, outline; one colour distribution per subject), every stage on that dataset:
 
-  python launch.py --config configs/agriclip.py:demo,dataset=agri_synthetic/fine --workdir R/eval
+  python launch.py --config configs/agriclip.py:demo,dataset=agri_synthetic/fine --workdir F/eval
+
+(F: a root of its own. A finished stage is reused whatever data it was trained on, so a root
+that already holds the default demo's stages would align their towers instead.)
 
 Options: stage=clip|dino|align|eval (default eval), demo, dataset=<the demo's dataset>, tasks=<agri_downstream tasks the
 eval stage scores, joined by +; default all of the registry>, clip_init=<CLIP checkpoint the

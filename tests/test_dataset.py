@@ -160,6 +160,10 @@ def test_fine_classes_share_colours_within_a_subject_and_differ_in_structure():
   for attr in ("subject", "marking", "density", "edge"):  # Every word is seen in training.
     assert {getattr(c, attr) for c in held_out} <= {
         getattr(c, attr) for c in classes if not c.held_out}
+  for subject in spec_lib.SUBJECTS:  # Naming a held-out class takes every kind of detail.
+    mine = [c for c in held_out if c.subject == subject]
+    assert {c.density for c in mine} == set(fine.DENSITIES), mine
+    assert {c.edge for c in mine} == set(fine.EDGES), mine
   scene = dict(size="large", background="dark soil")
   render = lambda c, seed: fine.render_fine(c, scene, np.random.default_rng(seed))
   for seed in range(3):

@@ -68,8 +68,9 @@ class FineClassSpec:
 
 
 def _is_held_out(si: int, mi: int, di: int, ei: int) -> bool:
-  # 12 of 64: three (subject, marking) pairs per subject lose one (density, edge) variant.
-  return (si + mi) % 4 != 3 and (di * 2 + ei) == (si + 2 * mi) % 4
+  # 12 of 64: three (subject, marking) pairs per subject lose one (density, edge) variant, and
+  # within each subject the held-out classes include both densities and both outlines.
+  return (si + mi) % 4 != 3 and (di * 2 + ei) == (si + 3 * mi) % 4
 
 
 def classes() -> list[FineClassSpec]:
