@@ -156,10 +156,6 @@ def render_fine(spec: FineClassSpec, scene: dict, rng: np.random.Generator,
   if spec.edge == "jagged-edged":
     ys, xs = np.nonzero(mask)
     mask = _jagged(mask, (ys.mean(), xs.mean()), teeth, phase, depth=max(2, size // 24))
-  shade = 1.0 - 0.25 * np.clip(v / radius, -1, 1)[..., None]
-  subject = colour * shade
   markings = _markings(spec, u, v, radius, marking_rng) & mask
-  marking_rgb = colour * 0.35 if colour.mean() > 110 else np.minimum(colour + 110, 255)
-  subject = np.where(markings[..., None], marking_rgb, subject)
-  image = np.where(mask[..., None], subject, image) + noise
+  image = render.paint(image, mask, markings, colour, v / radius) + noise
   return np.clip(image, 0, 255).astype(np.uint8)

@@ -95,12 +95,17 @@ def render(spec: spec_lib.ClassSpec, scene: dict, rng: np.random.Generator,
   mask, u, v = _subject_mask(spec.subject, size, scale, rng)
   radius = scale * size
   colour = np.asarray(spec_lib.COLOURS[spec.colour], np.float32) + rng.normal(0, 10, 3)
-  shade = 1.0 - 0.25 * np.clip(v / radius, -1, 1)[..., None]  # lit from above
-  subject = colour * shade
   markings = _pattern_mask(spec.pattern, u, v, radius, rng) & mask
+  image = paint(image, mask, markings, colour, v / radius)
+  image += rng.normal(0.0, 4.0, image.shape).astype(np.float32)
+  return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def paint(image, mask, markings, colour, v_scaled) -> np.ndarray:
+  """`image` with the subject (`mask`) in `colour`, lit from above (`v_scaled`: the across
+  coordinate over the subject's radius), and its `markings` in the marking shade."""
+  subject = colour * (1.0 - 0.25 * np.clip(v_scaled, -1, 1)[..., None])
   # Markings are dark on light subjects and light on dark ones, so they show on every colour.
   marking_rgb = colour * 0.35 if colour.mean() > 110 else np.minimum(colour + 110, 255)
   subject = np.where(markings[..., None], marking_rgb, subject)
-  image = np.where(mask[..., None], subject, image)
-  image += rng.normal(0.0, 4.0, image.shape).astype(np.float32)
-  return np.clip(image, 0, 255).astype(np.uint8)
+  return np.where(mask[..., None], subject, image)
