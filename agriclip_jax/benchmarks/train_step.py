@@ -1,15 +1,20 @@
 """Training-step throughput of CLIP and LiT on a fixed spec, printed as JSON.
 
-  python -m agriclip_jax.benchmarks.train_step [--steps 10] [--batch_size 32] \
-      [--dtype bfloat16] [--micro_batches 4]
+  python -m agriclip_jax.benchmarks.train_step [--spec ti|b16] [--steps 10] \
+      [--batch_size 32] [--dtype bfloat16] [--micro_batches 4]
 
-Spec: image tower ViT-Ti/16 at 224 px (width 192, depth 12, 3 heads, MLP 768), text tower
-width 256, depth 6, 4 heads, context 32, vocab 10000, embeddings 256, float32, AdamW, random
-inputs (no data pipeline). `--dtype bfloat16` runs the towers' matmuls in bf16 (parameters,
-optimizer state and loss stay float32); `--micro_batches` times the embedding-cache step.
-FLOPs per sample come from XLA's cost analysis of the compiled step; MFU is achieved FLOP/s
-over the float32 matmul throughput measured in the same process. CLIP trains both towers; LiT
-freezes the image tower (no image backward pass, no image optimizer state).
+Specs (AdamW, random inputs, no data pipeline):
+- `ti` (default): image tower ViT-Ti/16 at 224 px (width 192, depth 12, 3 heads, MLP 768),
+  text tower width 256, depth 6, 4 heads, context 32, vocab 10000, embeddings 256.
+- `b16`: OpenAI CLIP ViT-B/16's shapes: ViT-B/16 at 224 px (width 768, depth 12, 12 heads,
+  MLP 3072), text tower width 512, depth 12, 8 heads, context 77, vocab 49408, embeddings 512.
+
+`--dtype bfloat16` runs the towers' matmuls in bf16 (parameters, optimizer state and loss stay
+float32); `--micro_batches` times the embedding-cache step. FLOPs per sample come from XLA's
+cost analysis of the compiled step; MFU is achieved FLOP/s over the matmul throughput measured
+in the same process in the same dtype (a large square matmul at JAX's default precision: on
+GPUs a float32 matmul may use TF32). CLIP trains both towers; LiT freezes the image tower (no
+image backward pass, no image optimizer state).
 """
 
 import json
@@ -33,17 +38,20 @@ from agriclip_jax.trainers import step as step_lib
 
 FLAGS = flags.FLAGS
 
-SPEC = dict(
-    img=dict(variant="Ti/16", pool_type="tok", head=True),
-    txt=dict(width=256, depth=6, num_heads=4, mlp_dim=1024, head=True),
-    out_dim=256, logit_scale_init=10.0, logit_bias_init=None, dtype="float32")
-VOCAB, CONTEXT = 10_000, 32
+SPECS = {
+    "ti": (dict(img=dict(variant="Ti/16", pool_type="tok", head=True),
+                txt=dict(width=256, depth=6, num_heads=4, mlp_dim=1024, head=True),
+                out_dim=256, logit_scale_init=10.0, logit_bias_init=None), 10_000, 32),
+    "b16": (dict(img=dict(preset="clip", variant="B/16"),
+                 txt=dict(preset="clip", width=512, depth=12, num_heads=8, mlp_dim=2048),
+                 out_dim=512, logit_scale_init=10.0, logit_bias_init=None), 49_408, 77),
+}
 RULES = {"clip": [(".*", {})], "lit": [("img/.*", None), (".*", {})]}
 
 
-def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-  """Best float32 matmul FLOP/s of `size`^2 x `size`^2 on this process's devices."""
-  a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), jnp.float32)
+def matmul_peak(size: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+  """Best `dtype` matmul FLOP/s of `size`^2 x `size`^2 on this process's first device."""
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), dtype)
   matmul = jax.jit(lambda x: x @ x)
   matmul(a).block_until_ready()
   best = np.inf
@@ -55,13 +63,15 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
 
 
 def time_mode(mode: str, batch_size: int, image_size: int, steps: int, warmup: int,
-              dtype: str = "float32", micro_batches: int = 1):
+              dtype: str = "float32", micro_batches: int = 1, spec_name: str = "ti"):
   mesh = sharding.make_mesh([("data", -1)])
-  model = two_towers.make(ml_collections.ConfigDict(dict(SPEC, dtype=dtype)), vocab_size=VOCAB)
+  spec_dict, vocab, context = SPECS[spec_name]
+  model = two_towers.make(ml_collections.ConfigDict(dict(spec_dict, dtype=dtype)),
+                          vocab_size=vocab)
 
   def model_init(rng):
     return model.init(rng, jnp.zeros((1, image_size, image_size, 3)),
-                      jnp.zeros((1, CONTEXT), jnp.int32))["params"]
+                      jnp.zeros((1, context), jnp.int32))["params"]
 
   optim_config = common.base_config().optim
   optim_config.update(lr=1e-4, warmup_steps=10, rules=RULES[mode])
@@ -76,7 +86,7 @@ def time_mode(mode: str, batch_size: int, image_size: int, steps: int, warmup: i
   rng = np.random.default_rng(0)
   batch = sharding.global_batch({
       "image": rng.integers(0, 256, (batch_size, image_size, image_size, 3), np.uint8),
-      "text": rng.integers(1, VOCAB, (batch_size, CONTEXT)).astype(np.int32)},
+      "text": rng.integers(1, vocab, (batch_size, context)).astype(np.int32)},
       batch_sharding)
   state = spec.init()
   start = time.perf_counter()
@@ -84,6 +94,7 @@ def time_mode(mode: str, batch_size: int, image_size: int, steps: int, warmup: i
   compile_seconds = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  memory = compiled.memory_analysis()
   for _ in range(warmup):
     state, _ = compiled(state, batch)
   jax.block_until_ready(state)
@@ -102,19 +113,27 @@ def time_mode(mode: str, batch_size: int, image_size: int, steps: int, warmup: i
       "trainable_params": sum(n for k, n in sizes.items() if labels[k] != optim.FROZEN),
       "frozen_params": sum(n for k, n in sizes.items() if labels[k] == optim.FROZEN),
       "final_loss": float(metrics["loss"]),
+      # XLA's own figures for this backend: what the planner estimates from the CPU compiler.
+      "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
+      "argument_bytes": getattr(memory, "argument_size_in_bytes", None),
   }
 
 
 def main(argv):
   del argv
-  peak = matmul_peak()
+  # On a GPU a 2048^2 matmul is launch-bound: measure the peak on a size that fills the chip.
+  size = 8192 if jax.default_backend() == "gpu" else 2048
+  # One device's peak: MFU is meant for one accelerator (simulated CPU devices share cores).
+  peak = matmul_peak(size=size, dtype=FLAGS.dtype)
   result = {"backend": jax.default_backend(), "devices": jax.device_count(),
-            "device_kind": jax.devices()[0].device_kind, "batch_size": FLAGS.batch_size,
+            "device_kind": jax.devices()[0].device_kind, "spec": FLAGS.spec,
+            "jax": jax.__version__, "batch_size": FLAGS.batch_size,
             "image_size": FLAGS.image_size, "dtype": FLAGS.dtype,
-            "micro_batches": FLAGS.micro_batches, "matmul_peak_flops_per_sec": peak}
+            "micro_batches": FLAGS.micro_batches, "matmul_peak_flops_per_sec": peak,
+            "matmul_peak_size": size}
   for mode in FLAGS.modes:
     numbers = time_mode(mode, FLAGS.batch_size, FLAGS.image_size, FLAGS.steps, FLAGS.warmup,
-                        FLAGS.dtype, FLAGS.micro_batches)
+                        FLAGS.dtype, FLAGS.micro_batches, FLAGS.spec)
     numbers["mfu"] = numbers["achieved_flops_per_sec"] / peak
     result[mode] = numbers
   print(json.dumps(result, indent=1))
@@ -123,6 +142,8 @@ def main(argv):
 def define_flags() -> None:
   """The command's flags, defined when it runs (not on import: commands' flags would
   collide in one process)."""
+  flags.DEFINE_enum("spec", "ti", list(SPECS), "Model shapes: ti (ViT-Ti/16 + small text) or "
+                    "b16 (OpenAI CLIP ViT-B/16's shapes).")
   flags.DEFINE_integer("steps", 10, "Timed steps per mode.")
   flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
   flags.DEFINE_integer("batch_size", 32, "Global batch size.")
