@@ -118,6 +118,7 @@ def test_the_cache_key_follows_what_the_features_depend_on(lit):
   # Options that leave the trunk's features alone do not rebuild it; its dtype does.
   tower = {"width": 32, "dtype": np.float32}
   assert image_cache.key_of(_description(tower=dict(tower, remat="full"))) == base
+  assert image_cache.key_of(_description(tower=dict(tower, scan=True))) == base
   assert image_cache.key_of(_description(tower=dict(tower, dtype=np.float16))) != base
   assert _description()["shard_size"] == 16
   # The digest covers the trunk's weights, not the head that LiT trains.

@@ -205,6 +205,62 @@ def test_remat_policies_keep_outputs_and_gradients(remat):
   assert layers.remat_policy("none") == layers.remat_policy(False) == (False, None)
 
 
+@pytest.mark.parametrize("remat", [False, "dots"])
+def test_scanned_blocks_equal_the_unrolled_blocks_and_compile_one_block(remat):
+  """`scan=True` keeps the per-block parameters and computes the same outputs and gradients
+  as the unrolled loop, from one traced block instead of `depth`."""
+  x = jax.random.normal(jax.random.key(0), (3, 8, 32))
+  mask = jnp.tril(jnp.ones((8, 8), bool))[None, None]
+  kwargs = dict(depth=3, num_heads=2, mlp_dim=48, layer_scale=0.5, remat=remat)
+  unrolled, scanned = layers.Encoder(**kwargs), layers.Encoder(**kwargs, scan=True)
+  params = unrolled.init(jax.random.key(1), x, mask)
+  jax.tree.map(np.testing.assert_array_equal, scanned.init(jax.random.key(1), x, mask), params)
+  assert sorted(params["params"]) == ["block00", "block01", "block02", "norm"]
+
+  def loss_and_grad(module):
+    return jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(module.apply(p, x, mask) ** 2),
+                                      argnums=(0, 1)))(params, x)
+
+  value, grads = loss_and_grad(unrolled)
+  s_value, s_grads = loss_and_grad(scanned)
+  np.testing.assert_allclose(s_value, value, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               s_grads, grads)
+  jaxpr = lambda module: str(jax.make_jaxpr(lambda p: module.apply(p, x, mask))(params))
+  # q, k, v, out, fc1, fc2 and attention's two: 8 matmuls per traced block.
+  assert jaxpr(unrolled).count("dot_general") == 3 * 8
+  assert jaxpr(scanned).count("dot_general") == 8 and "scan[" in jaxpr(scanned)
+  assert ("remat" in jaxpr(scanned)) == bool(remat)
+
+
+def test_scanned_dropout_draws_from_the_dropout_stream():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 32))
+  encoder = layers.Encoder(depth=2, num_heads=2, mlp_dim=48, dropout=0.5, scan=True)
+  params = encoder.init(jax.random.key(1), x)
+  run = lambda key: encoder.apply(params, x, train=True, rngs={"dropout": jax.random.key(key)})
+  np.testing.assert_array_equal(run(3), run(3))
+  assert not np.allclose(run(3), run(4))
+  np.testing.assert_allclose(encoder.apply(params, x),
+                             layers.Encoder(depth=2, num_heads=2, mlp_dim=48).apply(params, x),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_scan_is_a_tower_option_that_keeps_the_parameters():
+  def make(scan):
+    config = _two_tower_config()
+    for tower in (config.img, config.txt):
+      tower.update(depth=2, scan=scan)
+    return two_towers.make(config, vocab_size=30)
+
+  scanned, plain = make(True), make(False)
+  images, tokens = jnp.ones((2, 32, 32, 3)), jnp.array([[3, 4, 5, 0], [6, 7, 0, 0]])
+  params = plain.init(jax.random.key(0), images, tokens)
+  jax.tree.map(np.testing.assert_array_equal,
+               scanned.init(jax.random.key(0), images, tokens), params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               scanned.apply(params, images, tokens), plain.apply(params, images, tokens))
+
+
 def test_unknown_remat_policy_is_one_line():
   config = _two_tower_config()
   config.img.remat = "everything"

@@ -1,7 +1,7 @@
 """Training-step throughput of CLIP and LiT on a fixed spec, printed as JSON.
 
   python -m agriclip_jax.benchmarks.train_step [--spec ti|b16] [--steps 10] \
-      [--batch_size 32] [--dtype bfloat16] [--micro_batches 4]
+      [--batch_size 32] [--dtype bfloat16] [--micro_batches 4] [--scan]
 
 Specs (AdamW, random inputs, no data pipeline):
 - `ti` (default): image tower ViT-Ti/16 at 224 px (width 192, depth 12, 3 heads, MLP 768),
@@ -10,7 +10,8 @@ Specs (AdamW, random inputs, no data pipeline):
   MLP 3072), text tower width 512, depth 12, 8 heads, context 77, vocab 49408, embeddings 512.
 
 `--dtype bfloat16` runs the towers' matmuls in bf16 (parameters, optimizer state and loss stay
-float32); `--micro_batches` times the embedding-cache step. FLOPs per sample come from XLA's
+float32); `--micro_batches` times the embedding-cache step; `--scan` runs each tower's blocks
+as one `lax.scan` (compare `compile_seconds`). FLOPs per sample come from XLA's
 cost analysis of the compiled step; MFU is achieved FLOP/s over the matmul throughput measured
 in the same process in the same dtype (a large square matmul at JAX's default precision: on
 GPUs a float32 matmul may use TF32). CLIP trains both towers; LiT freezes the image tower (no
@@ -63,9 +64,12 @@ def matmul_peak(size: int = 2048, repeats: int = 10, dtype: str = "float32") -> 
 
 
 def time_mode(mode: str, batch_size: int, image_size: int, steps: int, warmup: int,
-              dtype: str = "float32", micro_batches: int = 1, spec_name: str = "ti"):
+              dtype: str = "float32", micro_batches: int = 1, spec_name: str = "ti",
+              scan: bool = False):
   mesh = sharding.make_mesh([("data", -1)])
   spec_dict, vocab, context = SPECS[spec_name]
+  spec_dict = dict(spec_dict, img=dict(spec_dict["img"], scan=scan),
+                   txt=dict(spec_dict["txt"], scan=scan))
   model = two_towers.make(ml_collections.ConfigDict(dict(spec_dict, dtype=dtype)),
                           vocab_size=vocab)
 
@@ -129,11 +133,12 @@ def main(argv):
             "device_kind": jax.devices()[0].device_kind, "spec": FLAGS.spec,
             "jax": jax.__version__, "batch_size": FLAGS.batch_size,
             "image_size": FLAGS.image_size, "dtype": FLAGS.dtype,
-            "micro_batches": FLAGS.micro_batches, "matmul_peak_flops_per_sec": peak,
+            "micro_batches": FLAGS.micro_batches, "scan": FLAGS.scan,
+            "matmul_peak_flops_per_sec": peak,
             "matmul_peak_size": size}
   for mode in FLAGS.modes:
     numbers = time_mode(mode, FLAGS.batch_size, FLAGS.image_size, FLAGS.steps, FLAGS.warmup,
-                        FLAGS.dtype, FLAGS.micro_batches, FLAGS.spec)
+                        FLAGS.dtype, FLAGS.micro_batches, FLAGS.spec, FLAGS.scan)
     numbers["mfu"] = numbers["achieved_flops_per_sec"] / peak
     result[mode] = numbers
   print(json.dumps(result, indent=1))
@@ -151,6 +156,7 @@ def define_flags() -> None:
   flags.DEFINE_list("modes", ["clip", "lit"], "Which trainings to time.")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "The towers' compute dtype.")
   flags.DEFINE_integer("micro_batches", 1, "Embedding-cache micro-batches per step.")
+  flags.DEFINE_bool("scan", False, "Run each tower's blocks as one lax.scan.")
 
 
 def run() -> None:

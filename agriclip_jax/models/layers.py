@@ -128,7 +128,16 @@ def remat_policy(remat: bool | str):
 
 class Encoder(nn.Module):
   """`depth` blocks and a final LayerNorm. `remat` (see REMAT_POLICIES) recomputes parts of
-  the blocks in the backward pass."""
+  the blocks in the backward pass.
+
+  `scan=True` runs the blocks as one `jax.lax.scan` over their parameters stacked on the fly,
+  so XLA compiles one block instead of `depth` (deep towers compile in a fraction of the
+  time). Parameters stay stored per block (`block00`, `block01`, ...): checkpoints,
+  importers and exporters are the same whichever way a run computes, and a checkpoint
+  written with one setting loads with the other. The stacked copy costs one tower's block
+  parameters of memory per device. Outputs and gradients equal the unrolled form's; dropout
+  draws its masks from other random streams.
+  """
   depth: int
   num_heads: int
   mlp_dim: int
@@ -138,17 +147,42 @@ class Encoder(nn.Module):
   remat: bool | str = False
   dtype: Any = jnp.float32
   layer_scale: float | None = None
+  scan: bool = False
+
+  def _block(self, module=EncoderBlock, **kwargs):
+    return module(self.num_heads, self.mlp_dim, self.activation, self.dropout,
+                  self.layer_norm_eps, self.layer_scale, self.dtype, **kwargs)
 
   @nn.compact
   def __call__(self, x, mask=None, train: bool = False):
     remat, policy = remat_policy(self.remat)
-    block = (nn.remat(EncoderBlock, static_argnums=(3,), policy=policy) if remat
-             else EncoderBlock)
-    for i in range(self.depth):
-      x = block(self.num_heads, self.mlp_dim, self.activation, self.dropout,
-                self.layer_norm_eps, self.layer_scale, self.dtype,
-                name=f"block{i:02d}")(x, mask, train)
+    # Initialisation always unrolls: it creates the per-block parameters.
+    if self.scan and self.depth > 1 and not self.is_initializing():
+      x = self._scanned(x, mask, train, remat, policy)
+    else:
+      block = (nn.remat(EncoderBlock, static_argnums=(3,), policy=policy) if remat
+               else EncoderBlock)
+      for i in range(self.depth):
+        x = self._block(block, name=f"block{i:02d}")(x, mask, train)
     return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm")(x)
+
+  def _scanned(self, x, mask, train, remat, policy):
+    params = self.variables["params"]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                           *(params[f"block{i:02d}"] for i in range(self.depth)))
+    keys = None
+    if train and self.dropout > 0:
+      keys = jax.random.split(self.make_rng("dropout"), self.depth)
+    block = self._block(parent=None)  # Unbound: applied to each layer's slice of `stacked`.
+
+    def one_block(x, layer):
+      layer_params, key = layer
+      rngs = {} if key is None else {"dropout": key}
+      return block.apply({"params": layer_params}, x, mask, train, rngs=rngs), None
+
+    if remat:
+      one_block = jax.checkpoint(one_block, policy=policy, prevent_cse=False)
+    return jax.lax.scan(one_block, x, (stacked, keys))[0]
 
 
 class MAPHead(nn.Module):

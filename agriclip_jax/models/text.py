@@ -33,6 +33,7 @@ class Model(nn.Module):
   dropout: float = 0.0
   layer_norm_eps: float = 1e-6
   remat: bool | str = False  # See layers.REMAT_POLICIES.
+  scan: bool = False  # The blocks as one lax.scan (see layers.Encoder).
   dtype: Any = jnp.float32
   mask_padding: bool = True  # Bidirectional towers: padding is not attended to.
   head_bias: bool = True
@@ -60,7 +61,7 @@ class Model(nn.Module):
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, self.activation,
                        self.dropout, self.layer_norm_eps, self.remat, self.dtype,
-                       name="encoder")(x, mask=mask, train=train)
+                       scan=self.scan, name="encoder")(x, mask=mask, train=train)
     out["encoded"] = x
     if self.pool_type == "eot":
       x = layers.pool(x, "index", index=end)

@@ -43,6 +43,7 @@ class Model(nn.Module):
   dropout: float = 0.0
   layer_norm_eps: float = 1e-6
   remat: bool | str = False  # See layers.REMAT_POLICIES.
+  scan: bool = False  # The blocks as one lax.scan (see layers.Encoder).
   dtype: Any = jnp.float32
   class_token: bool | None = None  # None: only for pool_type "tok".
   num_registers: int = 0
@@ -80,7 +81,7 @@ class Model(nn.Module):
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, self.activation,
                        self.dropout, self.layer_norm_eps, self.remat, self.dtype,
-                       self.layer_scale, name="encoder")(x, train=train)
+                       self.layer_scale, scan=self.scan, name="encoder")(x, train=train)
     out["encoded"] = x
     if self.pool_type == "gap":  # Over the patches, not the prefix tokens.
       x = x[:, num_prefix:]

@@ -102,7 +102,7 @@ def trunk_digest(params) -> str:
 
 
 # Tower options that do not change the trunk's features.
-NOT_FEATURES = ("num_classes", "head_bias", "remat")
+NOT_FEATURES = ("num_classes", "head_bias", "remat", "scan")
 
 
 def describe(config, component: dict[str, Any], builder, source, img_kwargs: dict[str, Any],
