@@ -30,8 +30,9 @@ and density, outline; one colour distribution per subject), every stage on that 
 
   python launch.py --config configs/agriclip.py:demo,dataset=agri_synthetic/fine --workdir F/eval
 
-(F: a root of its own. A finished stage is reused whatever data it was trained on, so a root
-that already holds the default demo's stages would align their towers instead.)
+(F: a root of its own. A finished stage is used as it is, whatever config trained it, so a
+root that already holds the default demo's stages would align their towers instead; the run
+then warns, naming the fields in which the stage's stored config differs.)
 
 Options: stage=clip|dino|align|eval (default eval), demo, dataset=<the demo's dataset>, tasks=<agri_downstream tasks the
 eval stage scores, joined by +; default all of the registry>, clip_init=<CLIP checkpoint the

@@ -153,3 +153,32 @@ def test_full_size_recipes_build_their_models_and_their_rules_fit(spec, millions
     assert frozen == sorted(k for k in params
                             if k.startswith("img/") and not k.startswith("img/head/"))
     assert any(k.startswith("img/head/") for k in params)
+
+
+def test_a_finished_required_run_with_another_config_is_used_and_its_differences_named(
+    tmp_path, monkeypatch, caplog):
+  from agriclip_jax.trainers import common  # pylint: disable=g-import-not-at-top
+  from agriclip_jax.trainers import loop  # pylint: disable=g-import-not-at-top
+  name = "configs/agriclip.py:stage=clip,demo"
+  required = config_lib.load(name)
+  stored = config_lib.load(name + ",dataset=agri_synthetic/fine")
+  stored.seed, stored.log_every = 1, 7  # log_every does not change what was trained.
+  workdir = tmp_path / "clip"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(stored.to_json_best_effort())
+  finished = {}
+  monkeypatch.setattr(loop, "finished_summary", lambda path, steps: finished.get(path))
+
+  def warnings(config):
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+      common.warn_if_reused_with_another_config(config, str(workdir), name)
+    return caplog.text
+
+  assert not warnings(required)  # Unfinished: resuming compares the configs (save_config).
+  finished[str(workdir)] = {"step": required.total_steps}
+  text = warnings(required)
+  assert f"Using the finished run in {workdir}" in text and name in text
+  assert 'input.dataset: "agri_synthetic" -> "agri_synthetic/fine"' in text
+  assert "seed: 0 -> 1" in text and "log_every" not in text
+  assert not warnings(stored)

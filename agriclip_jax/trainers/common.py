@@ -227,7 +227,23 @@ def run_requirements(config, workdir: str) -> None:
         source, target = source[key], target[key]
       target[path[-1]] = source[path[-1]]
     logging.info("Required run: %s -> %s", entry["config"], required_workdir)
+    warn_if_reused_with_another_config(required, required_workdir, entry["config"])
     trainers.run(required, required_workdir)
+
+
+def warn_if_reused_with_another_config(required, workdir: str, name: str) -> None:
+  """A finished required run is used as it is, also when it was trained with another config
+  than `required` (a stage run by hand with other options, or another dataset in the same
+  root): that is then said, field by field, rather than left unseen."""
+  stored = files.path(workdir) / "config.json"
+  if not stored.exists() or loop_lib.finished_summary(workdir, required.total_steps) is None:
+    return  # Nothing to reuse; an unfinished run is compared when it resumes (save_config).
+  changes = config_lib.changes(json.loads(required.to_json_best_effort()),
+                               files.read_json(stored), RESUME_NEUTRAL)
+  if changes:
+    logging.warning("Using the finished run in %s, which was trained with another config "
+                    "than %s (use another root to train that one): %s", workdir, name,
+                    "; ".join(changes))
 
 
 def make_tokenizer(config, sources) -> tokenizer_lib.Tokenizer:
