@@ -4,8 +4,9 @@ Demo, on the built-in synthetic dataset (2 CPU cores, a few minutes):
 
   python launch.py --config configs/alive_dino.py:demo --workdir /tmp/dino_demo
 
-  reaches k-NN top-1 0.761 on the 60 training classes' test images (chance 0.017; an untrained
-  tower of this shape gives 0.713 on this easy synthetic data) in about 3 minutes.
+  reaches k-NN top-1 0.763 / 0.779 / 0.770 (seeds 0 / 1 / 2, --config.seed=S) on the 60
+  training classes' test images (chance 0.017; an untrained tower of this shape gives 0.713 on
+  this easy synthetic data) in about 3 minutes.
 
 Full recipe (ViT-B/16, DINO's defaults, 100 epochs of ALive at batch 256; prepare ALive first):
 
