@@ -11,7 +11,8 @@ Specs (AdamW, random inputs, no data pipeline):
 
 `--dtype bfloat16` runs the towers' matmuls in bf16 (parameters, optimizer state and loss stay
 float32); `--micro_batches` times the embedding-cache step; `--scan` runs each tower's blocks
-as one `lax.scan` (compare `compile_seconds`). FLOPs per sample come from XLA's
+as one `lax.scan` (compare `compile_seconds`; FLOPs and MFU are then null, as XLA's cost
+analysis counts a loop's body once). FLOPs per sample come from XLA's
 cost analysis of the compiled step; MFU is achieved FLOP/s over the matmul throughput measured
 in the same process in the same dtype (a large square matmul at JAX's default precision: on
 GPUs a float32 matmul may use TF32). CLIP trains both towers; LiT freezes the image tower (no
@@ -108,11 +109,13 @@ def time_mode(mode: str, batch_size: int, image_size: int, steps: int, warmup: i
   jax.block_until_ready(metrics)
   seconds = (time.perf_counter() - start) / steps
   sizes = {k: int(np.prod(v.shape)) for k, v in optim.flatten(shape).items()}
+  # XLA's cost analysis counts a loop's body once, not once per trip: no FLOPs for a scan.
+  flops = None if scan else cost["flops"]
   return {
       "samples_per_sec": batch_size / seconds,
       "step_ms": seconds * 1000,
-      "flops_per_sample": cost["flops"] / batch_size,
-      "achieved_flops_per_sec": cost["flops"] / seconds,
+      "flops_per_sample": flops and flops / batch_size,
+      "achieved_flops_per_sec": flops and flops / seconds,
       "compile_seconds": compile_seconds,
       "trainable_params": sum(n for k, n in sizes.items() if labels[k] != optim.FROZEN),
       "frozen_params": sum(n for k, n in sizes.items() if labels[k] == optim.FROZEN),
@@ -139,7 +142,8 @@ def main(argv):
   for mode in FLAGS.modes:
     numbers = time_mode(mode, FLAGS.batch_size, FLAGS.image_size, FLAGS.steps, FLAGS.warmup,
                         FLAGS.dtype, FLAGS.micro_batches, FLAGS.spec, FLAGS.scan)
-    numbers["mfu"] = numbers["achieved_flops_per_sec"] / peak
+    achieved = numbers["achieved_flops_per_sec"]
+    numbers["mfu"] = achieved and achieved / peak
     result[mode] = numbers
   print(json.dumps(result, indent=1))
 
