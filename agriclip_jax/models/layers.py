@@ -131,8 +131,9 @@ class Encoder(nn.Module):
   the blocks in the backward pass.
 
   `scan=True` runs the blocks as one `jax.lax.scan` over their parameters stacked on the fly,
-  so XLA compiles one block instead of `depth` (deep towers compile in a fraction of the
-  time). Parameters stay stored per block (`block00`, `block01`, ...): checkpoints,
+  so XLA compiles one block instead of `depth` (meant for deep towers on GPUs/TPUs; on a
+  2-core CPU at depth 12 it compiles and steps slower, see the README). Parameters stay
+  stored per block (`block00`, `block01`, ...): checkpoints,
   importers and exporters are the same whichever way a run computes, and a checkpoint
   written with one setting loads with the other. The stacked copy costs one tower's block
   parameters of memory per device. Outputs and gradients equal the unrolled form's; dropout
